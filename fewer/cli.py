@@ -20,7 +20,7 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fewer.info", "versions, devices, and which backends can run here (with reasons)"),
     "data": ("fewer.data.cli", "prepare or inspect the offline datasets"),
-    "train": ("fewer.train.cli", "train a baseline model (LLaMA on text, DiT on digits, classifier)"),
+    "train": ("fewer.baselines.cli", "train a foundation baseline: LLaMA on Shakespeare (lm) or a DiT on digits (digits)"),
     "tour": ("fewer.report.tour", "run what fewer can do on the embedded data and write a report"),
 }
 

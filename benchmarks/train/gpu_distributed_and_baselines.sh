@@ -17,6 +17,8 @@ DIGITS=$!
 # (1) distributed checks (small model; they share the GPUs with the baselines for a minute)
 run() { python3 -m torch.distributed.run --nproc_per_node "$1" --master_port "$2" -m fewer.train.examples "${@:3}"; }
 {
+  echo "== distributed tests (gloo on CPU and NCCL on CUDA, fp32)"
+  python3 -m pytest -q -rs tests/train/test_distributed.py 2>&1 | tail -15
   echo "== single process (cuda:0)"; python3 -m fewer.train.examples --device cuda --steps 60 --out /tmp/single | tail -1
   echo "== DDP x2 NCCL"; run 2 29511 --distributed ddp --device cuda --steps 60 --out /tmp/ddp | tail -1
   echo "== FSDP2 x2 NCCL"; run 2 29512 --distributed fsdp2 --device cuda --steps 60 --out /tmp/fsdp | tail -1

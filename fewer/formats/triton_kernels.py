@@ -1,0 +1,218 @@
+"""Fused Triton quantizers: amax, scale, quantize and pack, row-wise AND column-wise in one pass.
+
+For a training GEMM operand X [M, K] one launch reads each tile of X once and writes
+
+* the row-wise operand: blocks of ``BLOCK`` along K, codes [M, K] (FP4: [M, K/2] packed), scales
+  [M, K/BLOCK] (and NVFP4 double-block outer scales [M, K/128]);
+* the column-wise operand, already transposed: blocks along M, codes [K, M] (FP4: [K, M/2]),
+  scales [K, M/BLOCK] (outer [K, M/128]).
+
+Both equal :func:`fewer.formats.reference.quantize` of X along dim -1 and dim 0: the kernels
+repeat its arithmetic operation for operation (bit-field binades, power-of-two steps, the same
+divisions), so round-to-nearest results agree bit for bit. Stochastic rounding draws from the
+same counter-based hash of (seed, source element index) as the reference, so SR agrees bit for
+bit too (the requirement is only "in distribution"; tests check both).
+
+The per-tensor NVFP4 scale needs the tensor's amax before any block can be scaled: a small amax
+kernel runs first (one extra read of X) unless ``tensor_amax`` is given (delayed scaling).
+
+The launch is registered as ``torch.ops.fewer.formats_fused_quantize`` with a fake (meta) function,
+so torch.compile can trace callers. Triton is imported lazily (``import fewer`` works without it). Kernels require finite input
+(NaN/Inf give unspecified codes; the public ``quantize`` checks by default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .quantized import QuantizedTensor
+from .reference import OUTER_BLOCK, SCALE_ROUNDING, nvfp4_second_level
+from .rounding import stream_key
+from .spec import E2M1, E4M3, E5M2, INT8_ELEMENT, FormatSpec, get_spec
+
+_SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 2}
+FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_double",
+                 "mxfp4", "mxfp8", "mxfp8_e5m2")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import _triton_impl
+    return _triton_impl.amax_partial_kernel, _triton_impl.dual_quantize_kernel
+
+
+def tensor_amax(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """max|x| over the whole tensor as a 0-d float32 tensor (Triton partial maxima, then a tiny torch max)."""
+    amax_kernel, _ = _kernels()
+    flat = x.reshape(-1)
+    n = flat.numel()
+    partial = torch.empty(max(1, -(-n // block)), device=x.device, dtype=torch.float32)
+    amax_kernel[(partial.numel(),)](flat, partial, n, BLOCK=block)
+    return partial.amax()
+
+
+def _scale_kind(spec: FormatSpec) -> int:
+    if spec.scale_format == "fp32":
+        return 0
+    if spec.scale_format == "e8m0":
+        return 3
+    return 1 if spec.second_level == "tensor" else 2
+
+
+def default_tile(spec: FormatSpec, block: int, M: int, K: int) -> tuple[int, int]:
+    if spec.second_level == "outer128":
+        return OUTER_BLOCK, OUTER_BLOCK
+    tile = max(64, block)
+    return tile, tile
+
+
+def fused_quantize(x: torch.Tensor, spec: FormatSpec | str, *, rowwise: bool = True, colwise: bool = True,
+                   block_size: Optional[int] = None, rounding: str = "nearest", scale_rounding: Optional[str] = None,
+                   seed: Optional[int] = None, streams: tuple[int, int] = (0, 1), packed: bool = True,
+                   tensor_amax_value: Optional[torch.Tensor] = None, tile: Optional[tuple[int, int]] = None,
+                   num_warps: Optional[int] = None) -> tuple[Optional[QuantizedTensor], Optional[QuantizedTensor]]:
+    """Quantize a 2D [M, K] matrix along K (row-wise) and along M (column-wise, stored [K, M]) in one launch.
+
+    Returns (row_operand, col_operand); either is None when not asked for. Equals
+    ``reference.quantize(x, spec, dim=-1, stream=streams[0])`` and ``(..., dim=0, stream=streams[1])``.
+    """
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    if spec.name not in FUSED_FORMATS:
+        raise ValueError(f"the fused Triton quantizer supports {FUSED_FORMATS}, got {spec.name!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"the fused quantizer takes a 2D [M, K] matrix, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the fused quantizer takes float32, float16 or bfloat16 input, got {x.dtype}")
+    from ..core import triton_interpreter_on
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreter_on()):
+        raise ValueError(f"the fused Triton quantizer needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), "
+                         f"got device {x.device.type!r}")
+    if tensor_amax_value is not None and tensor_amax_value.numel() != 1:
+        raise ValueError(f"tensor_amax_value must hold one value, got shape {tuple(tensor_amax_value.shape)}")
+    if not (rowwise or colwise):
+        raise ValueError("ask for rowwise and/or colwise")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding in the kernel needs seed= (the counter-based stream; "
+                         "torch.Generator streams exist only in the reference path)")
+    allowed = SCALE_ROUNDING[spec.scale_format]
+    scale_rounding = allowed[0] if scale_rounding is None else scale_rounding
+    if scale_rounding not in allowed:
+        raise ValueError(f"{spec.name} takes scale_rounding in {allowed}, got {scale_rounding!r}")
+    if spec.element is E2M1 and not packed:
+        raise ValueError("the fused quantizer writes FP4 packed two per byte (packed=True)")
+    M, K = x.shape
+    block = spec.block_shape[1] if block_size is None else block_size
+    if spec.scale_format != "fp32" and block != spec.block_shape[1]:
+        raise ValueError(f"{spec.name} fixes its block size to {spec.block_shape[1]}")
+    if block < 2 or block & (block - 1):
+        raise ValueError(f"the fused quantizer needs a power-of-two block size, got {block}")
+    need = OUTER_BLOCK if spec.second_level == "outer128" else block
+    if M % need or K % need:
+        raise ValueError(f"{spec.name}: both dims of the [M, K] = [{M}, {K}] matrix must be multiples of {need} "
+                         f"(blocks run along K for the row-wise and along M for the column-wise operand); "
+                         f"pad with fewer.formats.pad_to_multiple")
+    BM, BK = tile if tile is not None else default_tile(spec, block, M, K)
+    if BM % block or BK % block or (spec.second_level == "outer128" and (BM, BK) != (OUTER_BLOCK, OUTER_BLOCK)):
+        raise ValueError(f"tile {(BM, BK)} must be a multiple of the block {block} (128x128 for outer128)")
+
+    amax_in = None if tensor_amax_value is None else tensor_amax_value.to(x.device, torch.float32).reshape(1)
+    (row_data, row_scale, row_outer, col_data, col_scale, col_outer, amax) = _fused_op()(
+        x, spec.name, rowwise, colwise, block, rounding, scale_rounding, -1 if seed is None else int(seed),
+        int(streams[0]), int(streams[1]), amax_in, BM, BK, 0 if num_warps is None else int(num_warps))
+    row_bufs = (row_data, row_scale, row_outer)
+    col_bufs = (col_data, col_scale, col_outer)
+    element = spec.element
+    kind = _scale_kind(spec)
+
+    outer_tensor = amax.reshape(()) if kind == 1 else None
+
+    def wrap(bufs, dim, rows, cols):
+        data, scale, outer = bufs
+        if element in (E4M3, E5M2):
+            data = data.view(element.storage)
+        if kind in (1, 2):
+            scale = scale.view(torch.float8_e4m3fn)
+            outer = outer if kind == 2 else nvfp4_second_level(outer_tensor)
+        else:
+            outer = None
+        return QuantizedTensor(data=data, scale=scale, spec=spec, original_shape=x.shape, dim=dim,
+                               block=(1, block), outer_scale=outer, packed=element is E2M1)
+
+    row = wrap(row_bufs, 1, M, K) if rowwise else None
+    col = wrap(col_bufs, 0, K, M) if colwise else None
+    return row, col
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (so torch.compile can trace through the launcher with a fake)
+
+
+def _output_shapes(spec: FormatSpec, M: int, K: int, block: int, rowwise: bool, colwise: bool):
+    element, kind = spec.element, _scale_kind(spec)
+    data_dtype = torch.int8 if element is INT8_ELEMENT else torch.uint8
+    scale_dtype = torch.float32 if kind == 0 else torch.uint8
+    out = []
+    for wanted, rows, cols in ((rowwise, M, K), (colwise, K, M)):
+        if not wanted:
+            out += [((0,), data_dtype), ((0,), scale_dtype), ((0,), torch.float32)]
+            continue
+        out.append(((rows, cols // 2 if element is E2M1 else cols), data_dtype))
+        out.append(((rows, cols // block), scale_dtype))
+        out.append(((rows, cols // OUTER_BLOCK) if kind == 2 else (0,), torch.float32))
+    out.append(((1,) if kind == 1 else (0,), torch.float32))
+    return out
+
+
+def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
+            tensor_amax_in, BM, BK, num_warps):
+    spec = get_spec(fmt)
+    element, kind = spec.element, _scale_kind(spec)
+    M, K = x.shape
+    outs = [torch.empty(shape, device=x.device, dtype=dtype)
+            for shape, dtype in _output_shapes(spec, M, K, block, rowwise, colwise)]
+    if kind == 1:
+        outs[6] = tensor_amax(x).reshape(1) if tensor_amax_in is None else tensor_amax_in.clone()
+    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
+    args = [o if o.numel() else dummy for o in outs]
+    key_row = stream_key(seed, stream_row) if seed >= 0 else 0
+    key_col = stream_key(seed, stream_col) if seed >= 0 else 0
+    _, kernel = _kernels()
+    grid = (-(-M // BM), -(-K // BK))
+    extra = {"num_warps": num_warps} if num_warps else {}
+    kernel[grid](x, M, K, x.stride(0), x.stride(1), *args[:6], args[6], key_row, key_col,
+                 BM=BM, BK=BK, BLOCK=block, MANT=element.mantissa_bits or 0,
+                 BIAS=0 if element.is_integer else 1 - element.min_exponent,
+                 INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
+                 EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
+                 SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
+                 DO_ROW=rowwise, DO_COL=colwise, **extra)
+    return tuple(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_op():
+    """``torch.ops.fewer.formats_fused_quantize``: 7 tensors (row data/scale/outer, col data/scale/outer, amax)."""
+
+    @torch.library.custom_op("fewer::formats_fused_quantize", mutates_args=())
+    def fused_quantize_op(x: torch.Tensor, fmt: str, rowwise: bool, colwise: bool, block: int, rounding: str,
+                          scale_rounding: str, seed: int, stream_row: int, stream_col: int,
+                          tensor_amax_in: Optional[torch.Tensor], BM: int, BK: int, num_warps: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+        return _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
+                       tensor_amax_in, BM, BK, num_warps)
+
+    @fused_quantize_op.register_fake
+    def _(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
+          tensor_amax_in, BM, BK, num_warps):
+        M, K = x.shape
+        return tuple(x.new_empty(shape, dtype=dtype)
+                     for shape, dtype in _output_shapes(get_spec(fmt), M, K, block, rowwise, colwise))
+
+    return fused_quantize_op

@@ -1,0 +1,261 @@
+"""SageAttention2 (fewer's Triton kernels) against torch SDPA's flash and cuDNN backends, same run, same GPU.
+
+    PYTHONPATH=. python benchmarks/attention/bench_sage.py            # full: checks, accuracy, speed
+    PYTHONPATH=. python benchmarks/attention/bench_sage.py --quick    # a few shapes
+
+1. GPU correctness: the Triton kernels against the PyTorch twin (same arithmetic) and an fp32/fp64
+   reference, on awkward shapes (ragged lengths, GQA, [B, L, H, D], head dims 64/96/128, causal).
+2. Accuracy table against fp64 on the hard cases, with the ablations (no K smoothing, single-level
+   PV accumulation on the real tensor cores).
+3. Speed: sage time INCLUDING the fused quantization (and the attention kernel alone), flash and
+   cuDNN, TFLOP/s from 4*B*H*L*L*D (halved causal), ratios, and a quality column.
+CSVs: benchmarks/results/<gpu>/attention_sage.csv (speed), attention_sage_accuracy.csv, attention_sage_checks.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fewer.attention import reference_attention
+from fewer.attention.sage import SageConfig, sage_attention
+from fewer.bench import attention_flops, environment, print_table, time_ms, write_csv
+from fewer.core import cos_sim, error_report, rel_l1
+
+
+def _inputs(b, hq, hk, lq, lk, d, *, dtype=torch.bfloat16, v_bias=2.0, k_bias=0.0, qk_gain=1.0, seed=0,
+            layout="bhld"):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, device="cuda", generator=g) * qk_gain
+    k = torch.randn(b, hk, lk, d, device="cuda", generator=g) * qk_gain
+    v = torch.randn(b, hk, lk, d, device="cuda", generator=g)
+    if k_bias:
+        k = k + k_bias * torch.randn(d, device="cuda", generator=g)
+    if v_bias:
+        v = v + v_bias * torch.randn(d, device="cuda", generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def gpu_checks() -> list[dict]:
+    rows = []
+    cases = [
+        dict(b=2, hq=4, hk=4, lq=1000, lk=1000, d=128, causal=False),
+        dict(b=2, hq=4, hk=4, lq=1000, lk=1000, d=128, causal=True),
+        dict(b=1, hq=8, hk=2, lq=777, lk=1500, d=64, causal=False),
+        dict(b=1, hq=8, hk=1, lq=1500, lk=777, d=64, causal=True),
+        dict(b=1, hq=4, hk=4, lq=513, lk=513, d=96, causal=True),
+        dict(b=1, hq=4, hk=4, lq=300, lk=300, d=40, causal=False),
+        dict(b=1, hq=2, hk=2, lq=256, lk=256, d=256, causal=False),
+        dict(b=2, hq=4, hk=2, lq=1000, lk=1000, d=128, causal=True, layout="blhd"),
+    ]
+    configs = ["sage2", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token"]
+    for case in cases:
+        layout = case.get("layout", "bhld")
+        q, k, v = _inputs(case["b"], case["hq"], case["hk"], case["lq"], case["lk"], case["d"], layout=layout)
+        gqa = case["hq"] != case["hk"]
+        qb, kb, vb = (t.transpose(1, 2) if layout == "blhd" else t for t in (q, k, v))
+        ref, ref_lse = reference_attention(qb, kb, vb, is_causal=case["causal"], enable_gqa=gqa, return_lse=True)
+        for name in configs:
+            cfg = SageConfig.from_preset(name)
+            try:
+                out, lse = sage_attention(q, k, v, is_causal=case["causal"], enable_gqa=gqa, layout=layout,
+                                      config=cfg, return_lse=True)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other checks
+                rows.append(dict(case=str(case), config=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                print(rows[-1], flush=True)
+                continue
+            twin = sage_attention(q, k, v, is_causal=case["causal"], enable_gqa=gqa, layout=layout,
+                                  config=cfg.replace(kernel="torch"))
+            out_b = out.transpose(1, 2) if layout == "blhd" else out
+            rows.append(dict(case=str(case), config=name, finite=bool(torch.isfinite(out).all()),
+                             rel_l1_vs_twin=rel_l1(out, twin), rel_l1_vs_fp32=rel_l1(out_b, ref),
+                             cos_vs_fp32=cos_sim(out_b, ref), twin_rel_l1_vs_fp32=rel_l1(
+                                 twin.transpose(1, 2) if layout == "blhd" else twin, ref),
+                             lse_max_abs_err=float((lse - ref_lse).abs().max())))
+    return rows
+
+
+def accuracy_table(long_len: int) -> list[dict]:
+    """Hard cases vs fp64 (on a query slice for the long one), default config and ablations."""
+    cases = {
+        "random (V channel bias)": dict(),
+        "zero-mean V": dict(v_bias=0.0),
+        "K channel bias 10": dict(k_bias=10.0),
+        "peaked (Q,K x3)": dict(qk_gain=3.0),
+        "large V (x1000)": dict(v_scale=1000.0),
+        "Q outlier channels": dict(q_outlier=20.0),
+        f"{long_len // 1024}K tokens": dict(lk=long_len),
+    }
+    variants = {
+        "sage2": SageConfig.from_preset("sage2"),
+        "sage2 smooth_q": SageConfig.from_preset("sage2_smooth_q"),
+        "sage2pp": SageConfig.from_preset("sage2pp"),
+        "no K smoothing": SageConfig(smooth_k=False),
+        "single-level PV": SageConfig(pv_accumulation="fp32"),
+        "no V smoothing": SageConfig(smooth_v=False),
+        "no V smoothing, single-level PV": SageConfig(smooth_v=False, pv_accumulation="fp32"),
+    }
+    rows = []
+    for name, spec in cases.items():
+        lk = spec.get("lk", 4096)
+        q, k, v = _inputs(1, 8, 8, lk, lk, 128, v_bias=spec.get("v_bias", 2.0), k_bias=spec.get("k_bias", 0.0),
+                          qk_gain=spec.get("qk_gain", 1.0), seed=1)
+        if "v_scale" in spec:
+            v = (v.float() * spec["v_scale"]).to(v.dtype)
+        if "q_outlier" in spec:
+            q = q.clone()
+            q[..., :4] += spec["q_outlier"]
+        rows_q = slice(0, 1024)  # fp64 reference on the first 1024 queries (all keys)
+        ref = reference_attention(q[:, :, rows_q].double(), k.double(), v.double(), compute_dtype=torch.float64)
+        bf16 = F.scaled_dot_product_attention(q, k, v)[:, :, rows_q]
+        row = dict(case=name, lk=lk, sdpa_bf16_rel_l1=rel_l1(bf16, ref))
+        for vname, cfg in variants.items():
+            out = sage_attention(q, k, v, config=cfg)[:, :, rows_q]
+            rep = error_report(out, ref)
+            row[f"{vname}: cos"] = rep["cos_sim"]
+            row[f"{vname}: rel_l1"] = rep["rel_l1"]
+            if vname == "sage2":
+                row["sage2: rmse"] = rep["rmse"]
+        rows.append(row)
+    return rows
+
+
+def speed_rows(quick: bool) -> list[dict]:
+    from fewer.attention.sage.triton import attend_triton, quantize_triton
+
+    shapes = []
+    lengths = (1024, 4096, 8192) if quick else (1024, 2048, 4096, 8192, 16384)
+    for d in (128, 64):
+        for L in lengths:
+            for causal in (False, True):
+                shapes.append(dict(B=4, H=32, L=L, D=d, causal=causal))
+        if not quick:
+            for causal in (False, True):
+                shapes.append(dict(B=2, H=32, L=32768, D=d, causal=causal))
+    shapes.append(dict(B=1, H=12, L=32760, D=128, causal=False, name="wan2.1-1.3b"))
+    cfg = SageConfig.from_preset("sage2")
+    rows = []
+    for shp in shapes:
+        b, h, L, d, causal = shp["B"], shp["H"], shp["L"], shp["D"], shp["causal"]
+        q, k, v = _inputs(b, h, h, L, L, d, seed=2)
+        flops = attention_flops(b, h, L, L, d, causal)
+        row = dict(shape=shp.get("name", ""), B=b, H=h, L=L, D=d, causal=causal)
+        timings = {}
+        timings["sage"] = time_ms(lambda: sage_attention(q, k, v, is_causal=causal, config=cfg))
+        buffers = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg)
+        out = torch.empty_like(q)
+        timings["sage_kernel_only"] = time_ms(lambda: attend_triton(buffers, out, L, L, is_causal=causal, config=cfg))
+        timings["sage_quant_only"] = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg))
+        for name, backend in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend):
+                with torch.nn.attention.sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            try:
+                timings[name] = time_ms(run)
+            except RuntimeError as exc:  # a backend refusing a shape is reported, not hidden
+                print(f"{name} failed on {shp}: {exc}", file=sys.stderr)
+        for name, t in timings.items():
+            row[f"{name}_ms"] = t["median_ms"]
+            if name != "sage_quant_only":
+                row[f"{name}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
+        if "cudnn" in timings:
+            row["sage_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage"]["median_ms"]
+        if "flash" in timings:
+            row["sage_vs_flash"] = timings["flash"]["median_ms"] / timings["sage"]["median_ms"]
+        # quality on the first head's first 1024 queries, against fp32
+        sl = (slice(0, 1), slice(0, 2), slice(0, 1024))
+        out_full = sage_attention(q, k, v, is_causal=causal, config=cfg)
+        ref = reference_attention(q[sl], k[:1, :2], v[:1, :2], is_causal=causal)
+        row["cos_vs_fp32"] = cos_sim(out_full[sl], ref)
+        row["rel_l1_vs_fp32"] = rel_l1(out_full[sl], ref)
+        rows.append(row)
+        print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+        del q, k, v, buffers, out, out_full
+        torch.cuda.empty_cache()
+    return rows
+
+
+def tile_sweep() -> list[dict]:
+    """A few (block_m, block_n, warps, stages) choices at B4 H32 L8192 for d128 and d64, kernel only."""
+    from fewer.attention.sage.triton import attend_triton, quantize_triton
+
+    rows = []
+    for d in (128, 64):
+        q, k, v = _inputs(4, 32, 32, 8192, 8192, d, seed=3)
+        flops = attention_flops(4, 32, 8192, 8192, d)
+        for bm, bn, warps, stages, fast_exp, ftz in ((64, 128, 4, 3, False, False), (64, 128, 4, 3, False, True),
+                                                     (64, 128, 4, 3, True, True), (128, 128, 8, 3, False, True),
+                                                     (64, 64, 4, 3, False, True), (64, 128, 4, 4, False, True)):
+            cfg = SageConfig(block_m=bm, block_n=bn, exp2_fp16=fast_exp)
+            buffers = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg)
+            out = torch.empty_like(q)
+            try:
+                t = time_ms(lambda: attend_triton(buffers, out, 8192, 8192, is_causal=False, config=cfg,
+                                                  num_warps=warps, num_stages=stages, exp2_ftz=ftz))["median_ms"]
+                rows.append(dict(D=d, block_m=bm, block_n=bn, warps=warps, stages=stages, exp2_fp16=fast_exp,
+                                 exp2_ftz=ftz, ms=t,
+                                 tflops=flops / (t * 1e-3) / 1e12))
+            except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a result too
+                rows.append(dict(D=d, block_m=bm, block_n=bn, warps=warps, stages=stages, exp2_fp16=fast_exp,
+                                 exp2_ftz=ftz, ms=float("nan"),
+                                 tflops=float("nan"), error=f"{type(exc).__name__}: {str(exc)[:80]}"))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def profile_one() -> None:
+    """One sage call at B2 H32 L8192 d128 after a warm-up, for `ncu -k regex:_attn_fwd_kernel`."""
+    q, k, v = _inputs(2, 32, 32, 8192, 8192, 128, seed=4)
+    for _ in range(2):
+        sage_attention(q, k, v)
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile-one", action="store_true", help="one call for ncu, nothing else")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("checks", "accuracy", "speed", "sweep"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_sage needs a CUDA GPU")
+        return 1
+    if args.profile_one:
+        profile_one()
+        return 0
+    print(environment(), flush=True)
+    t0 = time.time()
+    if "checks" not in args.skip:
+        checks = gpu_checks()
+        print_table(checks)
+        print("checks written to", write_csv(checks, "attention", "sage_checks"), flush=True)
+    if "accuracy" not in args.skip:
+        acc = accuracy_table(8192 if args.quick else 32768)
+        print_table(acc)
+        print("accuracy written to", write_csv(acc, "attention", "sage_accuracy"), flush=True)
+    if "sweep" not in args.skip:
+        sweep = tile_sweep()
+        print("sweep written to", write_csv(sweep, "attention", "sage_tiles"), flush=True)
+    if "speed" not in args.skip:
+        rows = speed_rows(args.quick)
+        path = write_csv(rows, "attention", "sage")
+        print(f"\nspeed written to {path} ({time.time() - t0:.0f}s total)")
+        keep = ("shape", "B", "H", "L", "D", "causal", "sage_ms", "sage_tflops", "sage_kernel_only_tflops",
+                "flash_tflops", "cudnn_tflops", "sage_vs_cudnn", "sage_vs_flash", "rel_l1_vs_fp32")
+        print_table([{c: r.get(c, "") for c in keep} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""SLA operators: torch.library custom ops around the fused kernels, their autograd, and the
+backend-resolving functional entry point ``sla_parts``.
+
+Layers: Triton kernels (triton.py) -> ``fewer::sla_forward`` / ``fewer::sla_backward`` custom ops
+(with fake functions, so torch.compile can trace them) -> autograd registration -> ``sla_parts``.
+The feature map phi and the O(L d^2) totals H_tot, Z_tot are ordinary autograd ops outside the
+kernel (as in the paper), so their gradients flow through PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...core import BackendUnavailable, Capability, can_run_triton, resolve_backend
+from .config import SLAConfig
+from .reference import BlockPlan, MARGINAL, apply_feature_map, plan_blocks, sla_parts_reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_HEAD_DIM = 256
+
+# LINEAR_MODE of the kernels (see triton.py)
+MODE_NONE, MODE_SUBTRACT, MODE_DIRECT = 0, 1, 2
+
+
+def _kernels():
+    from . import triton as kernels  # lazy: fewer imports without Triton
+    return kernels
+
+
+def _dummy(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(1, device=ref.device, dtype=dtype)
+
+
+@torch.library.custom_op("fewer::sla_forward", mutates_args=())
+def sla_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qphi: torch.Tensor, kphi: torch.Tensor,
+                   htot: torch.Tensor, ztot: torch.Tensor, lut_c: torch.Tensor, lut_l: torch.Tensor,
+                   linear_mode: int, scale: float, eps: float, block_q: int, block_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[BH, L, D] inputs -> (o_s, lse2, o_l, den); see triton.sla_forward."""
+    return _kernels().sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps,
+                                  block_q, block_k)
+
+
+@sla_forward_op.register_fake
+def _(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps, block_q, block_k):
+    bh, lq, d = q.shape
+    return (torch.empty_like(q), q.new_empty(bh, lq, dtype=torch.float32),
+            q.new_empty(bh, lq, d, dtype=torch.float32), q.new_empty(bh, lq, dtype=torch.float32))
+
+
+@torch.library.custom_op("fewer::sla_backward", mutates_args=())
+def sla_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qphi: torch.Tensor, kphi: torch.Tensor,
+                    do_s: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, dn: torch.Tensor,
+                    ddn: torch.Tensor, lut_c: torch.Tensor, lut_l: torch.Tensor, linear_mode: int,
+                    scale: float, block_q: int, block_k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().sla_backward(q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, lut_l,
+                                   linear_mode, scale, block_q, block_k)
+
+
+@sla_backward_op.register_fake
+def _(q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, lut_l, linear_mode, scale, block_q, block_k):
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32), v.new_empty(v.shape, **f32),
+            q.new_empty(q.shape, **f32), k.new_empty(k.shape, **f32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps, block_q, block_k = inputs
+    o_s, lse, o_l, den = output
+    ctx.save_for_backward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, o_s, lse, o_l, den)
+    ctx.params = (linear_mode, scale, block_q, block_k)
+
+
+def _backward(ctx, do_s, _dlse, do_l, _dden):
+    q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, o_s, lse, o_l, den = ctx.saved_tensors
+    linear_mode, scale, block_q, block_k = ctx.params
+    if do_s is None:
+        do_s = torch.zeros_like(o_s)
+    delta = (do_s.float() * o_s.float()).sum(-1)
+    if linear_mode != MODE_NONE and do_l is not None:
+        do_l = do_l.float()
+        dn32 = do_l / den.unsqueeze(-1)
+        ddn = -(do_l * o_l).sum(-1) / den
+    else:
+        dn32 = torch.zeros_like(o_l)
+        ddn = torch.zeros_like(den)
+    dq, dk, dv, dqphi, dkphi = sla_backward_op(q, k, v, qphi, kphi, do_s.contiguous(), lse, delta,
+                                               dn32.to(q.dtype).contiguous(), ddn.contiguous(), lut_c, lut_l,
+                                               linear_mode, scale, block_q, block_k)
+    dhtot = dztot = None
+    if linear_mode == MODE_SUBTRACT:
+        # the totals' share: O_l numerator starts from phi(Q) H_tot, denominator from phi(Q) Z_tot
+        dqphi = dqphi + dn32 @ htot.transpose(-2, -1) + ddn.unsqueeze(-1) * ztot.unsqueeze(-2)
+        qphi32 = qphi.float()
+        dhtot = qphi32.transpose(-2, -1) @ dn32
+        dztot = (qphi32 * ddn.unsqueeze(-1)).sum(-2)
+    if linear_mode == MODE_NONE:
+        dqphi = dkphi = None
+    else:
+        dqphi, dkphi = dqphi.to(qphi.dtype), dkphi.to(kphi.dtype)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dqphi, dkphi, dhtot, dztot,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fewer::sla_forward", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and backend resolution
+# ---------------------------------------------------------------------------------------------
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"SLA: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"SLA: {name} must be [B, H, L, D]; got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"SLA: {name} must be a floating-point tensor; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"SLA: query, key and value must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"SLA: batch/head/length mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (use enable_gqa through sdpa for fewer key heads)")
+    if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"SLA: q, k and v must share the head dim (the linear branch maps d -> d); "
+                         f"got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError("SLA: query and key lengths must be positive")
+
+
+def _triton_check(q: torch.Tensor, cfg: SLAConfig) -> Capability:
+    cap = can_run_triton(q.device)
+    if not cap:
+        return cap
+    if q.dtype not in KERNEL_DTYPES:
+        return Capability(False, f"the SLA kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        return Capability(False, f"the SLA kernels take head dims up to {MAX_KERNEL_HEAD_DIM}, got {q.shape[-1]}")
+    if cfg.block_q not in (16, 32, 64, 128) or cfg.block_k not in (16, 32, 64, 128):
+        return Capability(False, f"the SLA kernels take block sizes 16, 32, 64 or 128; got "
+                                 f"block_q={cfg.block_q}, block_k={cfg.block_k}")
+    return Capability(True, "fused SLA Triton kernels")
+
+
+def resolve(q: torch.Tensor, cfg: SLAConfig) -> str:
+    """The SLA backend that runs these inputs: 'triton' or 'reference' (explicit ones must run)."""
+    if cfg.backend == "triton":
+        cfg.check_kernel_blocks()
+        if q.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"SLA backend 'triton' takes float16, bfloat16 or float32 inputs; got {q.dtype} "
+                             "(use backend='reference' for float64)")
+    candidates = {"triton": lambda: _triton_check(q, cfg),
+                  "reference": lambda: Capability(True, "pure PyTorch")}
+    return resolve_backend("attention.sla", cfg.backend, candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional entry point
+# ---------------------------------------------------------------------------------------------
+
+def _marginal_lut(plan: BlockPlan) -> torch.Tensor:
+    """Key-block ids of the marginal blocks per query block [B, H, Mq, n_marginal]."""
+    not_marginal = (plan.classes != MARGINAL).to(torch.int8)
+    order = torch.argsort(not_marginal, dim=-1, stable=True)
+    return order[..., :plan.num_marginal].to(torch.int32).contiguous()
+
+
+def linear_mode_for(plan: BlockPlan, cfg: SLAConfig) -> int:
+    if cfg.linear_scope == "all" or plan.num_marginal == 0:
+        return MODE_NONE
+    # subtract from the totals unless the marginal blocks are the fewer to visit; the critical
+    # blocks are free to subtract (their K/V tiles are loaded anyway), so only negligible ones count
+    return MODE_SUBTRACT if plan.num_negligible <= plan.num_marginal else MODE_DIRECT
+
+
+def _feature_map_lowp(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype == torch.float32 or name != "elu":
+        return apply_feature_map(x, name)
+    return (F.elu(x.float()) + 1.0).to(x.dtype)  # elu+1 rounded once
+
+
+def _linear_all(qphi32: torch.Tensor, kphi32: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    num = qphi32 @ (kphi32.transpose(-2, -1) @ v.float())
+    den = qphi32 @ kphi32.sum(-2).unsqueeze(-1)
+    return num / (den + eps)
+
+
+def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
+              plan: BlockPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, BlockPlan]:
+    """(O_s in q's dtype, O_l in fp32, plan) through the backend ``cfg.backend`` resolves to."""
+    check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = resolve(q, cfg)
+    if plan is None:
+        plan = plan_blocks(q, k, cfg, scale)
+    if backend == "reference":
+        o_s, o_l = sla_parts_reference(q, k, v, cfg, scale, plan,
+                                       compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return o_s.to(q.dtype), o_l, plan
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    mode = linear_mode_for(plan, cfg)
+    qc, kc, vc = (t.reshape(b * h, -1, d).contiguous() for t in (q, k, v))
+    mq = plan.critical.shape[2]
+    lut_c = plan.critical.reshape(b * h, mq, -1).contiguous()
+    if mode == MODE_NONE:
+        qphi = kphi = _dummy(q, q.dtype)
+        htot = ztot = _dummy(q, torch.float32)
+        lut_l = lut_c[..., :0]
+    else:
+        # phi in q's dtype in one pass (torch's half softmax accumulates in fp32); the totals use
+        # the same rounded values, so subtracting a block cancels its share up to accumulation order
+        qphi = _feature_map_lowp(qc, cfg.feature_map)
+        kphi = _feature_map_lowp(kc, cfg.feature_map)
+        if mode == MODE_SUBTRACT:
+            lut_l = plan.negligible.reshape(b * h, mq, -1).contiguous()
+            kphi_r = kphi.float()
+            htot = kphi_r.transpose(-2, -1) @ vc.float()
+            ztot = kphi_r.sum(-2)
+        else:
+            lut_l = _marginal_lut(plan).reshape(b * h, mq, -1).contiguous()
+            htot = ztot = _dummy(q, torch.float32)
+    o_s, _lse, o_l, _den = sla_forward_op(qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l, mode, scale,
+                                          cfg.linear_eps, cfg.block_q, cfg.block_k)
+    o_s = o_s.reshape(b, h, lq, d)
+    if cfg.linear_scope == "all":
+        o_l = _linear_all(apply_feature_map(q.float(), cfg.feature_map), apply_feature_map(k.float(), cfg.feature_map),
+                          v, cfg.linear_eps)
+    elif mode == MODE_NONE:
+        o_l = torch.zeros(b, h, lq, d, device=q.device, dtype=torch.float32)
+    else:
+        o_l = o_l.reshape(b, h, lq, d)
+    return o_s, o_l, plan

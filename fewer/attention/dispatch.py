@@ -187,11 +187,16 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(compute_dtype)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows: exp(-inf - -inf)
+    # Softmax written out (not torch.logsumexp) so that forward-mode AD and double backward work through it.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # fully masked rows
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))  # fully masked rows give zeros
     out = (probs @ vf).to(out_dtype)
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    return out, (total.log() + row_max).squeeze(-1)
 
 
 def _reference_backend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config):

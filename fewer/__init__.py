@@ -1,11 +1,23 @@
 """fewer: cheaper large generative models. Fewer bits, fewer FLOPs, fewer sampling steps.
 
-The stable public surface is listed in ``__all__``; everything else may change.
+The stable public surface is listed in ``__all__``; everything else may change. Subpackages load on
+first use (``fewer.formats``, ``fewer.models``, ...), so ``import fewer`` stays light and works
+without triton, a GPU or the optional extras.
 """
+
+import importlib
 
 from . import attention, core
 from .core import ConfigError, seed_everything
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attention", "core", "ConfigError", "seed_everything"]
+_SUBPACKAGES = ("baselines", "data", "eval", "formats", "models", "train")
+
+__all__ = ["__version__", "attention", "core", "ConfigError", "seed_everything", *_SUBPACKAGES]
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fewer' has no attribute {name!r}")

@@ -43,6 +43,17 @@ def run(ctx) -> None:
          "reference": "1 / 1 for real images"},
     ], title="Baseline quality")
 
+    def median_of(history, key):
+        values = sorted(r[key] for r in history if r.get("kind") == "train" and r.get(key))
+        return values[len(values) // 2] if values else float("nan")
+
+    ctx.add_table([
+        {"what": "LLaMA training", "throughput": f"{median_of(lm.history, 'tokens_per_s'):,.0f} tokens/s"},
+        {"what": "DiT training", "throughput": f"{median_of(digits.history, 'samples_per_s'):,.0f} images/s"},
+        {"what": f"DiT sampling ({2 * digits_cfg.sample_steps - 1} network calls per image)",
+         "throughput": f"{digits_cfg.num_samples / m['sample_seconds']:,.1f} images/s"},
+    ], title=f"Speed on {ctx.device.type} (median over logged steps)")
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     _curve(axes[0], [r for r in lm.history if r.get("kind") == "train"], "loss", "train")
     _curve(axes[0], [r for r in lm.history if r.get("kind") == "eval"], "val_loss", "validation")

@@ -221,3 +221,16 @@ def jvp_attention_backward(q, k, v, tq, tk, tv, grad_out, grad_t_out, is_causal:
         dtk += (d_t_scores.transpose(-2, -1) @ qc) * s
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             dtq.to(tq.dtype), dtk.to(tk.dtype), dtv.to(tv.dtype))
+
+
+def stock_math_jvp(q, k, v, tq, tk, tv, is_causal: bool = False):
+    """The stock-PyTorch baseline: torch.func.jvp through SDPA's math kernel (the flash kernel has no
+    forward AD). Materialises the L x L scores; used as the error and speed yardstick."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attention(q_, k_, v_):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q_, k_, v_, is_causal=is_causal)
+
+    return torch.func.jvp(attention, (q, k, v), (tq, tk, tv))

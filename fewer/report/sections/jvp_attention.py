@@ -16,13 +16,8 @@ def _inputs(shape_q, shape_k, dtype, device, peaked, gen):
 
 
 def _math_jvp(q, k, v, tq, tk, tv, causal):
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def f(q, k, v):
-        with sdpa_kernel([SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    from ...attention.jvp.reference import stock_math_jvp
+    return stock_math_jvp(q, k, v, tq, tk, tv, causal)
 
 
 def run(ctx) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..core.deps import require
 from . import sections as _sections
 
 
@@ -84,6 +85,7 @@ def discover_sections() -> list[Any]:
 
 
 def run_tour(out_dir: Path, device: str | None = None, only: Sequence[str] = (), seed: int = 0) -> Path:
+    require("matplotlib", purpose="the tour's plots").use("Agg")  # headless; a clear error names the extra
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = TourContext(out_dir=out_dir, device=dev, scale="gpu" if dev.type == "cuda" else "cpu", seed=seed,

@@ -45,3 +45,13 @@ def test_context_figure_is_written(tmp_path):
     ax.plot([0, 1])
     path = ctx.add_figure(fig, "line", "a line")
     assert path.exists() and path.stat().st_size > 0 and "![a line](line.png)" in ctx.markdown[-1]
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from fewer.core import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingDependency, match=r"fewer\[report\]"):
+        tour.run_tour(tmp_path, device="cpu")

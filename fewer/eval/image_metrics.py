@@ -75,17 +75,22 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, method: str =
 
 
 @torch.no_grad()
-def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Arg-max class of each image (eval mode, batched), int64 on CPU."""
+def _batched_eval(classifier: nn.Module, fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn(images[s:s+batch_size]) in eval mode over all batches, on the classifier's device; results on CPU."""
     was_training = classifier.training
     classifier.eval()
     try:
         device = next(classifier.parameters()).device
-        preds = [classifier(images[s:s + batch_size].to(device, torch.float32)).argmax(dim=-1).cpu()
-                 for s in range(0, images.shape[0], batch_size)]
+        out = [fn(images[s:s + batch_size].to(device, torch.float32)).cpu()
+               for s in range(0, images.shape[0], batch_size)]
     finally:
         classifier.train(was_training)
-    return torch.cat(preds)
+    return torch.cat(out)
+
+
+def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Arg-max class of each image (eval mode, batched), int64 on CPU."""
+    return _batched_eval(classifier, lambda x: classifier(x).argmax(dim=-1), images, batch_size)
 
 
 def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -96,18 +101,9 @@ def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: tor
     return float((predict(classifier, images, batch_size) == labels.cpu()).double().mean())
 
 
-@torch.no_grad()
 def extract_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """classifier.features(images) in eval mode, batched; float64 on CPU."""
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        device = next(classifier.parameters()).device
-        out = [classifier.features(images[s:s + batch_size].to(device, torch.float32)).to("cpu", torch.float64)
-               for s in range(0, images.shape[0], batch_size)]
-    finally:
-        classifier.train(was_training)
-    return torch.cat(out)
+    return _batched_eval(classifier, lambda x: classifier.features(x).double(), images, batch_size)
 
 
 def _kth_neighbour_radius(x: torch.Tensor, k: int) -> torch.Tensor:

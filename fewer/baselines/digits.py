@@ -98,10 +98,9 @@ def train_digit_denoiser(cfg: DigitsBaselineConfig, data: ImageSet, out_dir: str
         x0, y, noise, t = batch
         return trigflow_loss(model, x0, y, noise=noise, t=t).mean()
 
-    device = cfg.device if cfg.device != "auto" else "auto"
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
                             weight_decay=0.0, grad_clip=1.0, log_every=25, seed=cfg.seed, out_dir=str(out_dir),
-                            progress=progress, device=device, resume="never", beta2=0.99)
+                            progress=progress, device=cfg.device, resume="never", beta2=0.99)
     result = train(denoiser, loss_fn, get_batch, train_cfg)
     denoiser.eval()
     return denoiser, result.history

@@ -89,13 +89,17 @@ def test_a_new_recipe_version_rebuilds_that_step(scratch_root, monkeypatch):
     assert manifest["steps"]["digits"]["recipe"] == 2
 
 
-@pytest.mark.parametrize("relpath, loader", [
+# every prepared file, with a loader that reads it
+PREPARED_FILES = [
     ("images/mnist.npz", lambda root: load_mnist(root)),
     ("images/digits.npz", lambda root: load_digits(root)),
     ("shakespeare/tokens.npz", lambda root: load_corpus(root=root)),
     ("shakespeare/tokenizer.json", lambda root: load_corpus(root=root)),
     ("shakespeare/plays.json.gz", lambda root: load_texts(root=root)),
-])
+]
+
+
+@pytest.mark.parametrize("relpath, loader", PREPARED_FILES)
 def test_missing_file_names_the_prepare_command(scratch_root, relpath, loader):
     (scratch_root / relpath).unlink()
     with pytest.raises(DataNotPrepared) as info:
@@ -104,13 +108,7 @@ def test_missing_file_names_the_prepare_command(scratch_root, relpath, loader):
     assert "fewer data prepare" in str(info.value) and relpath in str(info.value)
 
 
-@pytest.mark.parametrize("relpath, loader", [
-    ("images/mnist.npz", lambda root: load_mnist(root)),
-    ("images/digits.npz", lambda root: load_digits(root)),
-    ("shakespeare/tokens.npz", lambda root: load_corpus(root=root)),
-    ("shakespeare/tokenizer.json", lambda root: load_corpus(root=root)),
-    ("shakespeare/plays.json.gz", lambda root: load_texts(root=root)),
-])
+@pytest.mark.parametrize("relpath, loader", PREPARED_FILES)
 def test_corrupt_file_names_the_force_command(scratch_root, relpath, loader):
     _damage(scratch_root / relpath)
     with pytest.raises(DataCorrupt) as info:

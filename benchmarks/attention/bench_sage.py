@@ -1,7 +1,7 @@
 """SageAttention2 (fewer's Triton kernels) against torch SDPA's flash and cuDNN backends, same run, same GPU.
 
     PYTHONPATH=. python benchmarks/attention/bench_sage.py            # full: checks, accuracy, speed
-    PYTHONPATH=. python benchmarks/attention/bench_sage.py --quick    # a few shapes
+    PYTHONPATH=. python benchmarks/attention/bench_sage.py --quick    # fewer checks, the key shapes
 
 1. GPU correctness: the Triton kernels against the PyTorch twin (same arithmetic) and an fp32/fp64
    reference, on awkward shapes (ragged lengths, GQA, [B, L, H, D], head dims 64/96/128, causal).
@@ -45,7 +45,7 @@ def _inputs(b, hq, hk, lq, lk, d, *, dtype=torch.bfloat16, v_bias=2.0, k_bias=0.
     return q, k, v
 
 
-def gpu_checks() -> list[dict]:
+def gpu_checks(quick: bool = False) -> list[dict]:
     rows = []
     cases = [
         dict(b=2, hq=4, hk=4, lq=1000, lk=1000, d=128, causal=False),
@@ -58,6 +58,9 @@ def gpu_checks() -> list[dict]:
         dict(b=2, hq=4, hk=2, lq=1000, lk=1000, d=128, causal=True, layout="blhd"),
     ]
     configs = ["sage2", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token"]
+    if quick:  # fewer compilations: the default, SA2++ (BN64, FP16 accumulator), the per-token scale path
+        cases = [cases[i] for i in (0, 1, 2, 3, 6, 7)]
+        configs = ["sage2", "sage2pp", "sage_per_token"]
     for case in cases:
         layout = case.get("layout", "bhld")
         q, k, v = _inputs(case["b"], case["hq"], case["hk"], case["lq"], case["lk"], case["d"], layout=layout)
@@ -133,12 +136,15 @@ def speed_rows(quick: bool) -> list[dict]:
     from fewer.attention.sage.triton import attend_triton, quantize_triton
 
     shapes = []
-    lengths = (1024, 4096, 8192) if quick else (1024, 2048, 4096, 8192, 16384)
-    for d in (128, 64):
-        for L in lengths:
-            for causal in (False, True):
-                shapes.append(dict(B=4, H=32, L=L, D=d, causal=causal))
-        if not quick:
+    if quick:  # the issue's bar: d128 and d64 at L >= 8K non-causal, one causal row
+        for d, L, causal in ((128, 8192, False), (128, 16384, False), (128, 8192, True), (64, 8192, False),
+                             (64, 16384, False)):
+            shapes.append(dict(B=4, H=32, L=L, D=d, causal=causal))
+    else:
+        for d in (128, 64):
+            for L in (1024, 2048, 4096, 8192, 16384):
+                for causal in (False, True):
+                    shapes.append(dict(B=4, H=32, L=L, D=d, causal=causal))
             for causal in (False, True):
                 shapes.append(dict(B=2, H=32, L=32768, D=d, causal=causal))
     shapes.append(dict(B=1, H=12, L=32760, D=128, causal=False, name="wan2.1-1.3b"))
@@ -185,31 +191,63 @@ def speed_rows(quick: bool) -> list[dict]:
     return rows
 
 
-def tile_sweep() -> list[dict]:
-    """A few (block_m, block_n, warps, stages) choices at B4 H32 L8192 for d128 and d64, kernel only."""
+# kernel variants of the sweep: (name, SageConfig overrides, attend_triton keyword arguments).
+# "v3" is the previous default (per-token scale arithmetic, pointer loads, 3 stages, no register cap).
+VARIANTS = {
+    128: [
+        ("v3 path: no group4, no TMA, s3", dict(), dict(group4=False, use_tma=False, num_stages=3)),
+        ("group4, no TMA, s3", dict(), dict(use_tma=False, num_stages=3)),
+        ("group4, no TMA, s2, 168 regs", dict(), dict(use_tma=False, num_stages=2, maxnreg=168)),
+        ("group4, TMA, s3", dict(), dict(num_stages=3)),
+        ("group4, TMA, s2", dict(), dict(num_stages=2)),
+        ("group4, TMA, s2, 168 regs (default)", dict(), dict()),
+        ("group4, TMA, s2, 168 regs, I2FP", dict(), dict(i2f=True)),
+        ("group4, TMA, BN64, s2, 128 regs", dict(block_n=64), dict(num_stages=2, maxnreg=128)),
+        ("group4, TMA, BN64, s3", dict(block_n=64), dict(num_stages=3)),
+    ],
+    64: [
+        ("v3 path BN64: no group4, no TMA, s3", dict(block_n=64), dict(group4=False, use_tma=False, num_stages=3)),
+        ("group4, TMA, BN64, s3", dict(block_n=64), dict(num_stages=3)),
+        ("group4, TMA, BN64, s3, 128 regs", dict(block_n=64), dict(num_stages=3, maxnreg=128)),
+        ("group4, TMA, BN128, s3 (default)", dict(), dict()),
+        ("group4, TMA, BN128, s2", dict(), dict(num_stages=2)),
+        ("group4, TMA, BN128, s3, 128 regs", dict(), dict(num_stages=3, maxnreg=128)),
+    ],
+}
+
+
+def variant_sweep(shapes=((2, 32, 8192, 128), (1, 12, 32760, 128), (2, 32, 8192, 64))) -> list[dict]:
+    """Kernel-only time of each variant in VARIANTS on the given (B, H, L, D) shapes, non-causal, and its
+    rel-L1 against the PyTorch twin of the same config (L <= 8192)."""
     from fewer.attention.sage.triton import attend_triton, quantize_triton
 
     rows = []
-    for d in (128, 64):
-        q, k, v = _inputs(4, 32, 32, 8192, 8192, d, seed=3)
-        flops = attention_flops(4, 32, 8192, 8192, d)
-        for bm, bn, warps, stages, fast_exp, ftz in ((64, 128, 4, 3, False, False), (64, 128, 4, 3, False, True),
-                                                     (64, 128, 4, 3, True, True), (128, 128, 8, 3, False, True),
-                                                     (64, 64, 4, 3, False, True), (64, 128, 4, 4, False, True)):
-            cfg = SageConfig(block_m=bm, block_n=bn, exp2_fp16=fast_exp)
+    for b, h, L, d in shapes:
+        q, k, v = _inputs(b, h, h, L, L, d, seed=3)
+        flops = attention_flops(b, h, L, L, d)
+        twins = {}   # the PyTorch twin per config (block_n sets where P~ is rounded, so it is part of the function)
+        for name, cfg_kw, kw in VARIANTS[d]:
+            cfg = SageConfig(**cfg_kw)
             buffers = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg)
-            out = torch.empty_like(q)
+            out = torch.full_like(q, float("nan"))
+            row = dict(B=b, H=h, L=L, D=d, variant=name)
             try:
-                t = time_ms(lambda: attend_triton(buffers, out, 8192, 8192, is_causal=False, config=cfg,
-                                                  num_warps=warps, num_stages=stages, exp2_ftz=ftz))["median_ms"]
-                rows.append(dict(D=d, block_m=bm, block_n=bn, warps=warps, stages=stages, exp2_fp16=fast_exp,
-                                 exp2_ftz=ftz, ms=t,
-                                 tflops=flops / (t * 1e-3) / 1e12))
-            except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a result too
-                rows.append(dict(D=d, block_m=bm, block_n=bn, warps=warps, stages=stages, exp2_fp16=fast_exp,
-                                 exp2_ftz=ftz, ms=float("nan"),
-                                 tflops=float("nan"), error=f"{type(exc).__name__}: {str(exc)[:80]}"))
-            print(rows[-1], flush=True)
+                attend_triton(buffers, out, L, L, is_causal=False, config=cfg, **kw)
+                if L <= 8192:
+                    if cfg not in twins:
+                        twins[cfg] = sage_attention(q, k, v, config=cfg.replace(kernel="torch"))
+                    row["rel_l1_vs_twin"] = rel_l1(out, twins[cfg])
+                row["finite"] = bool(torch.isfinite(out).all())
+                t = time_ms(lambda: attend_triton(buffers, out, L, L, is_causal=False, config=cfg, **kw))
+                row.update(ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
+                           tflops=flops / (t["median_ms"] * 1e-3) / 1e12)
+            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is a result too
+                row.update(ms=float("nan"), error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            rows.append(row)
+            print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+            del buffers, out
+        del q, k, v, twins
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -225,6 +263,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile-one", action="store_true", help="one call for ncu, nothing else")
+    parser.add_argument("--small-sweep", action="store_true", help="sweep only the old and the new default")
     parser.add_argument("--skip", nargs="*", default=(), choices=("checks", "accuracy", "speed", "sweep"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -236,16 +275,21 @@ def main() -> int:
     print(environment(), flush=True)
     t0 = time.time()
     if "checks" not in args.skip:
-        checks = gpu_checks()
+        checks = gpu_checks(args.quick)
         print_table(checks)
         print("checks written to", write_csv(checks, "attention", "sage_checks"), flush=True)
+    if "sweep" not in args.skip:
+        if args.small_sweep:  # the previous default against the new one on one shape (same card, same run)
+            for d in VARIANTS:
+                VARIANTS[d] = [v for v in VARIANTS[d] if v[0].startswith("v3") or v[0].endswith("(default)")]
+            sweep = variant_sweep(shapes=((2, 32, 8192, 128), (2, 32, 8192, 64)))
+        else:
+            sweep = variant_sweep()
+        print("sweep written to", write_csv(sweep, "attention", "sage_variants"), flush=True)
     if "accuracy" not in args.skip:
         acc = accuracy_table(8192 if args.quick else 32768)
         print_table(acc)
         print("accuracy written to", write_csv(acc, "attention", "sage_accuracy"), flush=True)
-    if "sweep" not in args.skip:
-        sweep = tile_sweep()
-        print("sweep written to", write_csv(sweep, "attention", "sage_tiles"), flush=True)
     if "speed" not in args.skip:
         rows = speed_rows(args.quick)
         path = write_csv(rows, "attention", "sage")

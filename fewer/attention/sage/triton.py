@@ -73,6 +73,26 @@ def _exp2(x, FTZ: tl.constexpr):
 
 
 @triton.jit
+def _key_slot(key):
+    """Where key ``key`` sits in the stored V^T: inside each 16 keys, offset 8h + 2t + c goes to 4t + 2h + c."""
+    o = key % 16
+    return key - o + 4 * ((o // 2) % 4) + 2 * (o // 8) + o % 2
+
+
+@triton.jit
+def _p_order(p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Reorder P's keys inside each 16 as _key_slot does V's (the product P V is unchanged).
+
+    In the wgmma accumulator layout a thread holds key columns 2t, 2t+1, 8+2t, 8+2t+1 of every 16; the 8-bit
+    A operand of the PV wgmma wants four consecutive keys per thread. With both P and V in the order
+    (t, h, c) instead of (h, t, c) the registers already sit where the A operand wants them, so the layout
+    change needs no shuffles (the official sm90 kernel permutes V the same way)."""
+    p = tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 2, 4, 2))
+    p = tl.permute(p, (0, 1, 3, 2, 4))
+    return tl.reshape(p, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _round_half_away(x):
     return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int32).to(tl.int8)
 
@@ -170,38 +190,65 @@ def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vscale_ptr, k8_ptr, ks_
         v = tl.where(mask, v - tl.load(vmean_ptr + bh * D_P + cols)[None, :], 0.0)
     v_scale = tl.load(vscale_ptr + bh * D_P + cols)
     v8 = _to_e4m3(tl.math.div_rn(v, v_scale[None, :]), EMULATE_FP8)
-    tl.store(vt_ptr + (bh * D_P + cols[None, :]) * L_PAD + rows[:, None], v8)   # transposed: [D, L]
+    # transposed ([D, L]) and, inside every 16 keys, in the order the attention kernel lays out P (_key_slot);
+    # reordered in registers so that each channel's keys are stored contiguously (16-byte stores)
+    v8 = _p_order(tl.trans(v8), D_P, TILE)
+    tl.store(vt_ptr + (bh * D_P + cols[:, None]) * L_PAD + rows[None, :], v8)
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows, L_K, L_PAD,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, ACCUM: tl.constexpr,
-                EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                BLOCK_N: tl.constexpr, D_P: tl.constexpr):
+def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows, L_K, L_PAD, k_row, vt_row,
+                USE_TMA: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, ACCUM: tl.constexpr,
+                EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
+                I2F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_P)
-    k = tl.load(k_base + cols[:, None] * D_P + dims[None, :])
-    ks = tl.load(ks_base + cols)
-    s_int = tl.dot(q, tl.trans(k))
-    # int32 -> float32 without I2F (a quarter-rate conversion on sm90): |s_int| < 127*127*256 < 2^22, so
-    # adding 1.5*2^23's bit pattern and subtracting 1.5*2^23 as a float is exact, on full-rate ALUs
-    t = ((s_int + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * ks[None, :]
-    if MASKED:
-        keep = cols[None, :] < L_K
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        t = tl.where(keep, t, float("-inf"))
-    if SMOOTH_Q:
-        s = t * qs[:, None] + tl.load(ds_base + cols)[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if USE_TMA:   # k_base, vt_base: tensor descriptors of K [B*Hk*LK_PAD, D_P] and V^T [B*Hk*D_P, LK_PAD]
+        k = k_base.load([k_row + start_n, 0])
+    else:         # k_base, vt_base: pointers to this head's K and V^T
+        k = tl.load(k_base + cols[:, None] * D_P + dims[None, :])
+    # int32 -> float32 without I2F (a quarter-rate conversion on sm90): |s_int| < 127*127*256 < 2^22, so the
+    # bit pattern s_int + bits(1.5*2^23) is the float 1.5*2^23 + s_int exactly (Triton folds the add into the
+    # MMA's initial accumulator), and x - 1.5*2^23 is s_int exactly
+    if I2F and GROUP4 and not MASKED:   # benchmark knob: plain int -> float conversion (I2FP) instead
+        x = tl.dot(q, tl.trans(k)).to(tl.float32)
+        magic = 0.0
     else:
-        m_new = tl.maximum(m_i, tl.max(t, axis=1) * qs)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    shift = m_safe - 8.807354922057604          # log2(448): P~ comes out scaled to [0, 448]
-    if SMOOTH_Q:
-        arg = s - shift[:, None]
+        x = (tl.dot(q, tl.trans(k)) + 0x4B400000).to(tl.float32, bitcast=True)
+        magic = 12582912.0
+    if GROUP4 and not MASKED:
+        # per_thread / per_warp K scales: inside a block the K scale depends only on (key mod 8) div 2, which is
+        # what one thread of the MMA layout holds. Row max on the raw scores of each group, then one FFMA per
+        # score: s*qs*ks - shift = x*c + (-(1.5*2^23*c) - shift), c = qs*ks (scores off by <= ~1 unit of c)
+        ks4 = tl.load(ks_base + start_n + 2 * tl.arange(0, 4))
+        c4 = qs[:, None] * ks4[None, :]                                           # [BLOCK_M, 4]
+        x4 = tl.reshape(x, (BLOCK_M, BLOCK_N // 8, 4, 2))
+        x_max = tl.max(tl.max(x4, axis=3), axis=1)                                # [BLOCK_M, 4]
+        m_new = tl.maximum(m_i, tl.max((x_max - magic) * c4, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = m_safe - 8.807354922057604      # log2(448): P~ comes out scaled to [0, 448]
+        bias4 = -(c4 * magic + shift[:, None])
+        arg = tl.fma(x4, tl.expand_dims(tl.expand_dims(c4, 1), 3), tl.expand_dims(tl.expand_dims(bias4, 1), 3))
+        arg = tl.reshape(arg, (BLOCK_M, BLOCK_N))
     else:
-        arg = t * qs[:, None] - shift[:, None]
+        ks = tl.load(ks_base + cols)
+        t = (x - 12582912.0) * ks[None, :]
+        if MASKED:
+            keep = cols[None, :] < L_K
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            t = tl.where(keep, t, float("-inf"))
+        if SMOOTH_Q:
+            s = t * qs[:, None] + tl.load(ds_base + cols)[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(t, axis=1) * qs)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = m_safe - 8.807354922057604      # log2(448): P~ comes out scaled to [0, 448]
+        if SMOOTH_Q:
+            arg = s - shift[:, None]
+        else:
+            arg = t * qs[:, None] - shift[:, None]
     if EXP2_FP16:
         arg = arg.to(tl.float16)
         if EMULATE_FP8:  # the interpreter has no PTX: same rounding, exact exp2
@@ -213,11 +260,15 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n
         p = _exp2(arg, EXP2_FTZ)
     alpha = _exp2(m_i - m_safe, EXP2_FTZ)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+    p = _p_order(p, BLOCK_M, BLOCK_N)       # V^T is stored in the same key order
     if EXP2_FP16 and not EMULATE_FP8:
         p8 = p.to(tl.float8e4nv)
     else:
         p8 = _to_e4m3(p.to(tl.float32), EMULATE_FP8)
-    vt = tl.load(vt_base + dims[:, None] * L_PAD + cols[None, :])          # [D_P, BLOCK_N], keys contiguous
+    if USE_TMA:
+        vt = vt_base.load([vt_row, start_n])                                # [D_P, BLOCK_N], keys contiguous
+    else:
+        vt = tl.load(vt_base + dims[:, None] * L_PAD + cols[None, :])
     if ACCUM == 0:    # two-level: fresh FP32 accumulator per KV block
         acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
     elif ACCUM == 1:  # single running accumulator (the ablation)
@@ -231,10 +282,13 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n
 def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_ptr, o_ptr, lse_ptr,
                      L_Q, L_K, LQ_PAD, LK_PAD, H, HK, D, N_SMOOTH,
                      s_ob, s_oh, s_ol,
-                     IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr, ACCUM: tl.constexpr,
-                     EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D_P: tl.constexpr, Q_SMOOTH: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+                     USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr, ACCUM: tl.constexpr,
+                     EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
+                     I2F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, Q_SMOOTH: tl.constexpr):
+    if IS_CAUSAL:   # the longest rows (the last query blocks) first, so the final wave is made of short ones
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -243,9 +297,15 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
     dims = tl.arange(0, D_P)
     q = tl.load(q8_ptr + (bh * LQ_PAD + rows[:, None]) * D_P + dims[None, :])
     qs = tl.load(qs_ptr + bh * LQ_PAD + rows)
-    k_base = k8_ptr + bhk * LK_PAD * D_P
+    k_row = bhk * LK_PAD        # first row of this head in the K / V^T descriptors (TMA)
+    vt_row = bhk * D_P
+    if USE_TMA:
+        k_base = k8_ptr
+        vt_base = vt_ptr
+    else:
+        k_base = k8_ptr + bhk * LK_PAD * D_P
+        vt_base = vt_ptr + bhk * D_P * LK_PAD
     ks_base = ks_ptr + bhk * LK_PAD
-    vt_base = vt_ptr + bhk * D_P * LK_PAD
     ds_base = ds_ptr + (bh * N_SMOOTH + start_m // Q_SMOOTH) * LK_PAD
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -258,12 +318,12 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
         end = tl.minimum(L_K, start_m + BLOCK_M)
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
-                                    L_K, LK_PAD, False, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
-                                    EMULATE_FP8, BLOCK_N, D_P)
+                                    L_K, LK_PAD, k_row, vt_row, USE_TMA, False, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
+                                    EMULATE_FP8, GROUP4, I2F, BLOCK_M, BLOCK_N, D_P)
     for start_n in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
-                                    L_K, LK_PAD, True, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
-                                    EMULATE_FP8, BLOCK_N, D_P)
+                                    L_K, LK_PAD, k_row, vt_row, USE_TMA, True, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
+                                    EMULATE_FP8, GROUP4, I2F, BLOCK_M, BLOCK_N, D_P)
     inv_l = 1.0 / l_i
     v_scale = tl.load(vs_ptr + bhk * D_P + dims)
     out = acc * inv_l[:, None] * v_scale[None, :]
@@ -298,6 +358,13 @@ def _patch_interpreter_scalar_index() -> None:
 
     interpreter._patch_lang_tensor = patch_lang_tensor
     _interpreter_patched = True
+
+
+def key_slots(n: int, device=None) -> torch.Tensor:
+    """Column of each of ``n`` keys in the stored V^T (the order ``_key_slot`` writes, for tests and tools)."""
+    key = torch.arange(n, device=device)
+    o = key % 16
+    return key - o + 4 * ((o // 2) % 4) + 2 * (o // 8) + o % 2
 
 
 def padded_head_dim(d: int) -> int:
@@ -381,11 +448,17 @@ def _delta_s(q_mean: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor | None,
 
 def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq: int, lk: int, *,
                   is_causal: bool, config: SageConfig, delta_s: torch.Tensor | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, exp2_ftz: bool = True
-                  ) -> torch.Tensor:
+                  num_warps: int | None = None, num_stages: int | None = None, exp2_ftz: bool = True,
+                  group4: bool | None = None, maxnreg: int | None = None, use_tma: bool | None = None,
+                  i2f: bool = False) -> torch.Tensor:
     """Launch the attention kernel on quantized buffers; writes ``out`` [B, H, Lq, D] (a view, any strides).
 
     ``exp2_ftz=False`` keeps Triton's own exp2 (for benchmarking the difference); the interpreter always uses it.
+    ``group4`` (default: wherever it applies) uses the per-thread-group K scales in the interior blocks: one
+    FFMA per score instead of an FADD, an FMUL and an FFMA; ``False`` forces the per-token scale path.
+    ``use_tma`` (default: on sm90+ for padded head dims <= 128) loads K and V^T tiles by tensor descriptors.
+    ``i2f`` (benchmark knob) converts the interior scores with I2FP instead of the 1.5*2^23 bit trick.
+    ``maxnreg`` caps registers per thread (benchmark knob; 168 lets three 128-thread programs share an SM).
 
     Returns the base-2 LSE of the smoothed scores, [B, H, Lq] float32.
     """
@@ -397,17 +470,40 @@ def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq
     grid = (triton.cdiv(lq, config.block_m), bsz * hq)
     if num_warps is None:
         num_warps = 4 if config.block_m <= 64 else 8
+    if use_tma is None:   # TMA (Hopper's bulk tensor copies) for the K and V tiles; rows of at most 128 bytes
+        use_tma = d_p <= 128 and (triton_interpreter_on() or torch.cuda.get_device_capability(out.device)[0] >= 9)
+    if num_stages is None and maxnreg is None and use_tma and d_p == 128 and config.block_m == 64 and num_warps == 4:
+        # two K/V stages (75 KB of shared memory) and at most 168 registers (no spills with TMA loads): three
+        # programs per SM instead of two, so one program's softmax overlaps the others' MMAs (NOTES_sage.md v4)
+        num_stages, maxnreg = 2, 168
     if num_stages is None:
         num_stages = 3 if d_p <= 128 else 2
+    # the K scale of a key depends only on (key mod 8) div 2 inside each block: per_thread, per_warp (one per 128)
+    group4_ok = config.qk_granularity in ("per_thread", "per_warp") and not config.smooth_q
+    if group4 is None:
+        group4 = group4_ok
+    elif group4 and not group4_ok:
+        raise ValueError(f"group4=True needs qk_granularity 'per_thread' or 'per_warp' without smooth_q, got "
+                         f"{config.qk_granularity!r}, smooth_q={config.smooth_q}")
+    extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    k8, v_t = buffers["k8"], buffers["v_t"]
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg = TensorDescriptor.from_tensor(k8.view(-1, d_p), [config.block_n, d_p])
+        v_arg = TensorDescriptor.from_tensor(v_t.view(-1, lk_pad), [d_p, config.block_n])
+    else:
+        k_arg, v_arg = k8, v_t
     _attn_fwd_kernel[grid](
-        buffers["q8"], buffers["q_scale"], buffers["k8"], buffers["k_scale"], buffers["v_t"], buffers["v_scale"],
+        buffers["q8"], buffers["q_scale"], k_arg, buffers["k_scale"], v_arg, buffers["v_scale"],
         buffers["v_mean"] if buffers["v_mean"] is not None else buffers["v_scale"],
         delta_s if delta_s is not None else buffers["q_scale"], out, lse2,
         lq, lk, lq_pad, lk_pad, hq, hk, d, lq_pad // Q_SMOOTH_BLOCK,
         out.stride(0), out.stride(1), out.stride(2),
-        IS_CAUSAL=is_causal, SMOOTH_Q=config.smooth_q, SMOOTH_V=config.smooth_v, ACCUM=accum,
-        EXP2_FP16=config.exp2_fp16, EXP2_FTZ=exp2_ftz and not triton_interpreter_on(), EMULATE_FP8=triton_interpreter_on(), BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_P=d_p,
-        Q_SMOOTH=Q_SMOOTH_BLOCK, num_warps=num_warps, num_stages=num_stages)
+        USE_TMA=use_tma, IS_CAUSAL=is_causal, SMOOTH_Q=config.smooth_q, SMOOTH_V=config.smooth_v, ACCUM=accum,
+        EXP2_FP16=config.exp2_fp16, EXP2_FTZ=exp2_ftz and not triton_interpreter_on(), EMULATE_FP8=triton_interpreter_on(), GROUP4=group4, I2F=i2f,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_P=d_p, Q_SMOOTH=Q_SMOOTH_BLOCK, num_warps=num_warps,
+        num_stages=num_stages, **extra)
     return lse2
 
 
@@ -429,4 +525,4 @@ def sage_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     return lse2, buffers["k_mean"]
 
 
-__all__ = ["TOKEN_TILE", "attend_triton", "padded_head_dim", "quantize_triton", "sage_attention_triton"]
+__all__ = ["TOKEN_TILE", "attend_triton", "key_slots", "padded_head_dim", "quantize_triton", "sage_attention_triton"]

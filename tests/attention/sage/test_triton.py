@@ -22,7 +22,7 @@ def _qkv(**kw):
 
 @pytest.mark.parametrize("granularity", ["per_block", "per_warp", "per_thread", "per_token"])
 def test_quantizers_equal_the_twin_bit_for_bit(granularity):
-    from fewer.attention.sage.triton import quantize_triton
+    from fewer.attention.sage.triton import key_slots, quantize_triton
 
     q, k, v = _qkv(hq=2, hk=1, lq=150, lk=200, d=48, k_bias=3.0)
     cfg = SageConfig(qk_granularity=granularity)
@@ -37,11 +37,13 @@ def test_quantizers_equal_the_twin_bit_for_bit(granularity):
     assert torch.equal(buf["k8"][:, :lk, :d].reshape(k8.shape), k8)
     assert torch.equal(buf["k_scale"][:, :lk].reshape(ks.shape), ks)
     assert torch.equal(buf["v_scale"][:, :d].reshape(vs.shape), vs)
-    v_t = buf["v_t"][:, :d, :lk].transpose(1, 2).reshape(v8.shape)       # stored transposed [D, L]
+    slots = key_slots(buf["v_t"].shape[2], device=buf["v_t"].device)
+    assert torch.equal(slots.sort().values, torch.arange(len(slots), device=slots.device))   # a permutation
+    v_t = buf["v_t"][:, :d, slots[:lk]].transpose(1, 2).reshape(v8.shape)  # stored transposed [D, L], keys reordered
     assert torch.equal(v_t.view(torch.uint8), v8.view(torch.uint8))
     # padding is zero, so the attention kernel can load whole tiles without masks
     assert not buf["q8"][:, lq:].any() and not buf["k8"][:, :, d:].any()
-    assert not buf["v_t"][:, d:].view(torch.uint8).any() and not buf["v_t"][:, :, lk:].view(torch.uint8).any()
+    assert not buf["v_t"][:, d:].view(torch.uint8).any() and not buf["v_t"][:, :, slots[lk:]].view(torch.uint8).any()
 
 
 def test_kernel_means_match_torch():
@@ -117,3 +119,27 @@ def test_single_level_mode_runs():
     if DEVICE == "cpu":
         assert rel_l1(one, two) < 1e-3
     assert torch.isfinite(one).all()
+
+
+@pytest.mark.parametrize("use_tma,group4", [(False, False), (False, True), (True, False)])
+def test_kernel_variants_match_twin(use_tma, group4):
+    # the default (TMA loads, per-thread-group scale path) runs in every test above; the other paths here
+    from fewer.attention.sage.triton import attend_triton, quantize_triton
+
+    q, k, v = _qkv(lq=130, lk=300, k_bias=2.0)
+    cfg = SageConfig(kernel="triton")
+    buffers = quantize_triton(q, k, v, 0.125, cfg)
+    out = torch.empty_like(q)
+    attend_triton(buffers, out, 130, 300, is_causal=False, config=cfg, use_tma=use_tma, group4=group4)
+    twin = sage_attention(q, k, v, scale=0.125, config=cfg.replace(kernel="torch"))
+    assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
+
+
+def test_group4_refuses_per_token_scales():
+    from fewer.attention.sage.triton import attend_triton, quantize_triton
+
+    q, k, v = _qkv(lq=64, lk=64)
+    cfg = SageConfig(kernel="triton", qk_granularity="per_token")
+    buffers = quantize_triton(q, k, v, 0.125, cfg)
+    with pytest.raises(ValueError, match="group4"):
+        attend_triton(buffers, torch.empty_like(q), 64, 64, is_causal=False, config=cfg, group4=True)

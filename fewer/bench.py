@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import os
 import platform
 import re
@@ -95,6 +96,7 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float:
     """Peak CUDA memory during one ``fn()`` above the memory allocated before it (MB); nan on CPU."""
     if not torch.cuda.is_available():
         return float("nan")
+    gc.collect()  # a tensor left from an earlier call, freed during fn(), would hide fn's own memory
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -9,6 +9,7 @@ double autograd.
 
 Part 2 (speed), all in one run on one card, per shape:
   jvp_kernel        fewer's fused Triton JVP (O and tO)
+  jvp_kernel_classic_rescale   the same kernel rescaling every block (no lazy max): the v2 ablation
   kernel_fwd_only   the same kernel without tangents (O only): how much the tangent costs
   func_jvp_math     torch.func.jvp through SDPA's math backend (only where it fits; else n/a)
   chunked_exact     the exact JVP formula in PyTorch, fp32, 2048-query chunks (linear memory)
@@ -157,6 +158,13 @@ def speed(device, shapes, rows_out):
 
         kern = record("jvp_kernel", lambda: jvp_attention(q, k, v, tq, tk, tv, is_causal=causal, backend="triton"),
                       3, outputs="jvp")
+        if d == 128 and not causal and L <= 16384:
+            from fewer.attention.jvp import triton as kernels
+            s = 1.0 / d ** 0.5
+            record("jvp_kernel_classic_rescale",
+                   lambda: kernels.jvp_attention_forward(q, k, v, tq, tk, tv, causal, s,
+                                                         rescale_slack=kernels.ALWAYS_RESCALE)[:2],
+                   3, outputs="jvp")
         record("kernel_fwd_only", lambda: attention(q, k, v, is_causal=causal, backend="triton"), 1, outputs="o")
         if MATH_BYTES_PER_SCORE * b * h * L * L < 0.85 * free_bytes:
             math_row = record("func_jvp_math", lambda: _math_jvp(q, k, v, tq, tk, tv, causal), 3, slow=True,
@@ -197,8 +205,11 @@ def kernel_report():
             for compiled in dev_cache[0].values():
                 compiled._init_handles()     # loads the binary; fills n_regs / n_spills
                 md = compiled.metadata
+                ptx = compiled.asm.get("ptx", "")
+                waits = sorted(set(ln.strip() for ln in ptx.splitlines() if "wgmma.wait_group" in ln))
                 lines.append(f"compiled: regs={compiled.n_regs} spills={compiled.n_spills} shared={md.shared} "
-                             f"warps={md.num_warps} stages={md.num_stages} name={md.name}")
+                             f"warps={md.num_warps} stages={md.num_stages} consts={md.constants if hasattr(md, 'constants') else ''} "
+                             f"wgmma={ptx.count('wgmma.mma_async')} waits={waits}")
     except Exception as exc:  # reporting only
         lines.append(f"kernel report unavailable: {type(exc).__name__}: {exc}")
     return lines
@@ -208,6 +219,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated shape names (default: all)")
     parser.add_argument("--out", default=None, help="also copy the CSVs here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -228,7 +240,10 @@ def main(argv=None) -> int:
             ok = False
         path = bench.write_csv(acc_rows, "attention", "jvp_accuracy")
         print("wrote", path, f"({time.time() - start:.0f}s)", flush=True)
-    speed(device, QUICK_SHAPES if args.quick else SPEED_SHAPES, speed_rows)
+    shapes = QUICK_SHAPES if args.quick else SPEED_SHAPES
+    if args.only:
+        shapes = [s for s in shapes if s[0] in args.only.split(",")]
+    speed(device, shapes, speed_rows)
     path = bench.write_csv(speed_rows, "attention", "jvp")
     print("wrote", path, f"({time.time() - start:.0f}s)", flush=True)
     for line in kernel_report():

@@ -33,6 +33,17 @@ def default_scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def rescale_slack_for(dtype: torch.dtype) -> float:
+    """Slack of the lazy running max (log2 units) for inputs of ``dtype``, kernel and twin alike.
+
+    P~ <= 2^slack and P~ (tS - c) are rounded to the operand dtype: fp16 (max 65504) could overflow
+    at a large tangent, so fp16 keeps P~ <= 1 (slack 0: rescale whenever any row's max grows); bf16
+    and fp32 take 8, as FlashAttention-4 does. The price in bf16: the winning key's P~ is no longer
+    exactly 1, so it is rounded too (~10% more error in O than the classic schedule, measured on CPU).
+    """
+    return 0.0 if dtype == torch.float16 else 8.0
+
+
 def _causal_keep(q_start: int, q_stop: int, lk: int, device: torch.device) -> torch.Tensor:
     """Top-left aligned causal mask rows [q_start, q_stop): query i sees keys j <= i (torch's convention)."""
     rows = torch.arange(q_start, q_stop, device=device)[:, None]
@@ -93,7 +104,8 @@ def jvp_attention_exact(q, k, v, tq, tk, tv, is_causal: bool = False, scale: flo
 
 
 def jvp_attention_blockwise(q, k, v, tq, tk, tv, is_causal: bool = False, scale: float | None = None, *,
-                            block_n: int = 64, centre: bool = True,
+                            block_n: int = 64, block_m: int | None = None, centre: bool = True,
+                            rescale_slack: float | None = None,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton kernel's twin: (O, tO, LSE) in one pass over key blocks with online softmax.
 
@@ -101,6 +113,12 @@ def jvp_attention_blockwise(q, k, v, tq, tk, tv, is_causal: bool = False, scale:
     the running max m, every accumulator rescaled by alpha = exp2(m_old - m_new) when m moves, and
     P~ and P~ * (tS - c) rounded to the input dtype before the products with tV and V (the tensor
     cores' operand precision). LSE is the natural-log normalizer, float32, shape [..., Lq].
+
+    Lazy max: m moves only where a block's row max exceeds it by more than ``rescale_slack`` (log2
+    units; default ``rescale_slack_for(dtype)`` like the kernel; 0 = the classic schedule). Any m
+    cancels in O = Ao / l, so this is exact; it bounds P~ by 2^slack. The kernel decides per tile of
+    BLOCK_M rows (all rows move when any row needs it); ``block_m`` makes the twin decide per the same
+    tiles (None: per row), so kernel and twin round the same values.
 
     The centring c: tO = sum_j P_j (tS_j - mu) V_j + P tV with mu = rowsum(P tS). Accumulating
     (P tS) V and subtracting mu O at the end cancels badly when attention is peaked (tS_j ~ mu at the
@@ -112,6 +130,7 @@ def jvp_attention_blockwise(q, k, v, tq, tk, tv, is_causal: bool = False, scale:
     mu O at the end (the rCM kernel's formulation): the ablation the tests compare against.
     """
     s = default_scale(q, scale)
+    slack = rescale_slack_for(q.dtype) if rescale_slack is None else rescale_slack
     lq, lk = q.shape[-2], k.shape[-2]
     qf, kf, tqf, tkf = (t.float() for t in (q, k, tq, tk))
     operand = v.dtype
@@ -125,22 +144,29 @@ def jvp_attention_blockwise(q, k, v, tq, tk, tv, is_causal: bool = False, scale:
     for start in range(0, lk, block_n):
         stop = min(start + block_n, lk)
         k_blk, tk_blk = kf[..., start:stop, :], tkf[..., start:stop, :]
-        scores = (qf @ k_blk.transpose(-2, -1)) * (s * LOG2E)
-        t_scores = (tqf @ k_blk.transpose(-2, -1) + qf @ tk_blk.transpose(-2, -1)) * s
+        scores = qf @ k_blk.transpose(-2, -1)                           # raw, unscaled
+        t_raw = tqf @ k_blk.transpose(-2, -1) + qf @ tk_blk.transpose(-2, -1)
         if is_causal:
             keep = _causal_keep(0, lq, lk, q.device)[:, start:stop]
             scores = scores.masked_fill(~keep, float("-inf"))
-        m_new = torch.maximum(m_i, scores.amax(-1))
+        m_blk = scores.amax(-1) * (s * LOG2E)
+        grow = m_blk - m_i > slack
+        if block_m:  # any row of a tile of block_m rows moves the whole tile
+            tiles = -(-lq // block_m)
+            grow = torch.nn.functional.pad(grow, (0, tiles * block_m - lq))
+            grow = grow.view(*lead, tiles, block_m).any(-1).repeat_interleave(block_m, -1)[..., :lq]
+        m_new = torch.where(grow, torch.maximum(m_i, m_blk), m_i)
         alpha = torch.exp2(m_i - m_new)
-        p = torch.exp2(scores - m_new[..., None])
+        p = torch.exp2(scores * (s * LOG2E) - m_new[..., None])
         l_i = l_i * alpha + p.sum(-1)
-        r_i = r_i * alpha + (p * t_scores).sum(-1)
+        r_i = r_i * alpha + (p * t_raw).sum(-1) * s
         c_new = r_i / l_i if centre else c_i
         v_blk = v[..., start:stop, :].float()
         tv_blk = tv[..., start:stop, :].float()
         p_op = p.to(operand).float()
-        centred = (p * (t_scores - c_new[..., None])).to(operand).float()
-        acc_t = (acc_t + (c_i - c_new)[..., None] * acc_o) * alpha[..., None] + p_op @ tv_blk + centred @ v_blk
+        centred = (p * (t_raw * s - c_new[..., None])).to(operand).float()
+        acc_t = acc_t * alpha[..., None] + (c_i - c_new)[..., None] * (acc_o * alpha[..., None])
+        acc_t = acc_t + p_op @ tv_blk + centred @ v_blk
         acc_o = acc_o * alpha[..., None] + p_op @ v_blk
         m_i, c_i = m_new, c_new
     out = acc_o / l_i[..., None]

@@ -2,7 +2,8 @@
 
 One program owns BLOCK_M query rows of one (batch, head) and streams the key/value blocks once.
 Per key block it forms S = Q K^T and tS = tQ K^T + Q tK^T (three products), P~ = exp2(S - m) with
-the running max m, and updates, all rescaled by alpha = exp2(m_old - m_new) when m moves:
+the running max m, and updates, all rescaled by alpha = exp2(m_old - m_new) when m moves (lazily:
+only when some row's max grows by more than a slack, see ``rescale_slack_for``):
 
     l  = sum P~                         (normalizer)
     r  = sum P~ * tS                    (so mu = r / l = rowsum(P * tS), the log-normalizer's tangent)
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ...core.capability import triton_interpreter_on
+from .reference import rescale_slack_for
 
 
 @triton.jit
@@ -56,41 +58,65 @@ def _round_to(x, dtype, MANUAL_BF16: tl.constexpr):
 def _attend_key_block(start_n, q, tq, k_base, tk_base, v_base, tv_base,
                       stride_kl, stride_tkl, stride_vl, stride_tvl,
                       offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
-                      IS_CAUSAL: tl.constexpr, WITH_TANGENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, WITH_TANGENT: tl.constexpr,
+                      RESCALE_SLACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       INTERPRETER: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """One key block: three products for S and tS, three for O and tO, online-softmax rescaling."""
+    """One key block: three products for S and tS, then the softmax update, then three for O and tO.
+
+    ``MASKED`` blocks (the last, partial key block and causal diagonal blocks) mask columns; interior
+    blocks skip the compare-and-select. The score products are issued before the softmax needs S,
+    so on Hopper the two tangent products can run on the tensor cores while the softmax runs.
+    """
     cols = start_n + offs_n
-    col_ok = cols < len_k
-    kt_mask = dk_ok[:, None] & col_ok[None, :]
+    if MASKED:
+        col_ok = cols < len_k
+        kt_mask = dk_ok[:, None] & col_ok[None, :]
+        v_mask = col_ok[:, None] & dv_ok[None, :]
+    else:
+        kt_mask = dk_ok[:, None]
+        v_mask = dv_ok[None, :]
     k_t = tl.load(k_base + cols[None, :] * stride_kl, mask=kt_mask, other=0.0)
     zeros = tl.zeros([q.shape[0], k_t.shape[1]], dtype=tl.float32)
-    scores = _dot(q, k_t, zeros, DOT_PRECISION, INTERPRETER) * (scale * 1.4426950408889634)  # base 2
-    valid = col_ok[None, :]
-    if IS_CAUSAL:
-        valid = valid & (cols[None, :] <= offs_m[:, None])
-    scores = tl.where(valid, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v_mask = col_ok[:, None] & dv_ok[None, :]
+    scores = _dot(q, k_t, zeros, DOT_PRECISION, INTERPRETER)        # raw Q K^T, unscaled
+    if WITH_TANGENT:
+        tk_t = tl.load(tk_base + cols[None, :] * stride_tkl, mask=kt_mask, other=0.0)
+        t_raw = _dot(tq, k_t, zeros, DOT_PRECISION, INTERPRETER)
+        t_raw = _dot(q, tk_t, t_raw, DOT_PRECISION, INTERPRETER)      # tS / scale
+    if MASKED:
+        valid = col_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None])
+        scores = tl.where(valid, scores, float("-inf"))
+    qk_scale = scale * 1.4426950408889634                             # base-2 exponent per raw score
+    m_blk = tl.max(scores, 1) * qk_scale
+    # Lazy rescaling (as FlashAttention-4 does): the running max m moves only when some row's block max
+    # exceeds it by more than RESCALE_SLACK (log2 units). Exact: any shift m cancels in O = Ao / l and
+    # tO = At / l; the slack only bounds P~ by 2^RESCALE_SLACK. Most blocks then skip rescaling the two
+    # [BLOCK_M, D] accumulators, ~6 of ~20 non-matrix operations per score at BLOCK_N 64, d 128.
+    if tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_o = acc_o * alpha[:, None]
+        if WITH_TANGENT:
+            r_i = r_i * alpha
+            acc_t = acc_t * alpha[:, None]
+        m_i = m_new
+    p = tl.exp2(scores * qk_scale - m_i[:, None])                     # one FFMA + exp2 per score
+    l_i = l_i + tl.sum(p, 1)
     v_blk = tl.load(v_base + cols[:, None] * stride_vl, mask=v_mask, other=0.0)
     p_op = _round_to(p, v_blk.dtype, MANUAL_BF16)
     if WITH_TANGENT:
-        tk_t = tl.load(tk_base + cols[None, :] * stride_tkl, mask=kt_mask, other=0.0)
-        t_scores = _dot(tq, k_t, zeros, DOT_PRECISION, INTERPRETER)
-        t_scores = _dot(q, tk_t, t_scores, DOT_PRECISION, INTERPRETER) * scale
-        r_i = r_i * alpha + tl.sum(p * t_scores, 1)
-        c_new = r_i / l_i                                                   # running estimate of mu
-        # Re-centre what is accumulated on the new estimate, then rescale for the new max.
-        acc_t = (acc_t + (c_i - c_new)[:, None] * acc_o) * alpha[:, None]
-        centred = _round_to(p * (t_scores - c_new[:, None]), v_blk.dtype, MANUAL_BF16)  # zero where masked
+        r_i = r_i + tl.sum(p * t_raw, 1) * scale
+        c_new = r_i / l_i                                               # running estimate of mu
+        acc_t = acc_t + (c_i - c_new)[:, None] * acc_o                  # re-centre on the new estimate
+        centred = _round_to(p * (t_raw * scale - c_new[:, None]), v_blk.dtype, MANUAL_BF16)
         tv_blk = tl.load(tv_base + cols[:, None] * stride_tvl, mask=v_mask, other=0.0)
         acc_t = _dot(p_op, tv_blk, acc_t, DOT_PRECISION, INTERPRETER)
         acc_t = _dot(centred, v_blk, acc_t, DOT_PRECISION, INTERPRETER)
         c_i = c_new
-    acc_o = _dot(p_op, v_blk, acc_o * alpha[:, None], DOT_PRECISION, INTERPRETER)
-    return m_new, l_i, r_i, c_i, acc_o, acc_t
+    acc_o = _dot(p_op, v_blk, acc_o, DOT_PRECISION, INTERPRETER)
+    return m_i, l_i, r_i, c_i, acc_o, acc_t
 
 
 @triton.jit
@@ -100,8 +126,8 @@ def _jvp_attention_fwd_kernel(
     stride_tqb, stride_tqh, stride_tql, stride_tkb, stride_tkh, stride_tkl, stride_tvb, stride_tvh, stride_tvl,
     stride_ob, stride_oh, stride_ol, stride_tob, stride_toh, stride_tol,
     num_heads, len_q, len_k, head_dim_qk, head_dim_v, scale, len_bucket,
-    IS_CAUSAL: tl.constexpr, WITH_TANGENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WITH_TANGENT: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, MANUAL_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -138,27 +164,41 @@ def _jvp_attention_fwd_kernel(
     acc_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    # Key blocks [0, full_stop) need no column mask; [full_stop, hi) are the partial last block and,
+    # causal (top-left aligned: row i sees keys j <= i), the blocks that cross this tile's diagonal.
     hi = len_k
-    if IS_CAUSAL:  # top-left aligned: row i sees keys j <= i, so later key blocks are skipped
-        causal_stop = (pid_m + 1) * BLOCK_M
-        if causal_stop < len_k:
-            hi = causal_stop
+    full_stop = (len_k // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        row_start = pid_m * BLOCK_M
+        hi = tl.minimum(len_k, row_start + BLOCK_M)
+        full_stop = tl.minimum(full_stop, ((row_start + 1) // BLOCK_N) * BLOCK_N)
     if INTERPRETER:
         # The interpreter (numpy >= 2.4) cannot pass a runtime int to range(); a while loop
-        # works there. Compiled code keeps the for loop, which Triton software-pipelines.
+        # works there. Compiled code keeps the for loops, which Triton software-pipelines.
         start_n = 0
         while start_n < hi:
-            m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
-                start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
-                offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
-                IS_CAUSAL, WITH_TANGENT, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
+            if start_n < full_stop:
+                m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
+                    start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
+                    offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
+                    False, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
+            else:
+                m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
+                    start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
+                    offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
+                    True, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
             start_n += BLOCK_N
     else:
-        for start_n in range(0, hi, BLOCK_N):
+        for start_n in range(0, full_stop, BLOCK_N):
             m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
                 start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
                 offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
-                IS_CAUSAL, WITH_TANGENT, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
+                False, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
+        for start_n in range(full_stop, hi, BLOCK_N):
+            m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
+                start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
+                offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
+                True, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
 
     inv_l = 1.0 / l_i
     out = acc_o * inv_l[:, None]
@@ -188,7 +228,7 @@ def _autotuned_kernel():
     # Sequence lengths are runtime arguments, so a new length never recompiles; tuning is keyed on a
     # coarse length bucket (the kernel ignores ``len_bucket``), so it re-tunes only per bucket.
     return triton.autotune(configs=configs,
-                           key=["BLOCK_DQK", "BLOCK_DV", "IS_CAUSAL", "WITH_TANGENT", "len_bucket"])(
+                           key=["BLOCK_DQK", "BLOCK_DV", "IS_CAUSAL", "WITH_TANGENT", "RESCALE_SLACK", "len_bucket"])(
         _jvp_attention_fwd_kernel)
 
 
@@ -200,14 +240,19 @@ def padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+ALWAYS_RESCALE = -1.0e30   # a slack every block exceeds: the classic rescale-every-block schedule
+
+
 def jvp_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None,
                           is_causal: bool, scale: float, *, block: tuple[int, int] | None = None,
+                          rescale_slack: float | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the kernel on [B, H, L, D] tensors (inner stride 1). Returns (O, tO or None, LSE [B, H, Lq]).
 
     Without tangents (all three None) only O and LSE are computed (2 products per block instead of 6).
-    Inputs are validated by ``ops``; this function trusts them. ``block`` pins (BLOCK_M, BLOCK_N).
+    Inputs are validated by ``ops``; this function trusts them. ``block`` pins (BLOCK_M, BLOCK_N);
+    ``rescale_slack`` overrides ``rescale_slack_for(dtype)`` (``ALWAYS_RESCALE``: the ablation).
     """
     with_tangent = tq is not None
     batch, heads, len_q, d_qk = q.shape
@@ -223,7 +268,9 @@ def jvp_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             *tq.stride()[:3], *tk.stride()[:3], *tv.stride()[:3],
             *out.stride()[:3], *t_out.stride()[:3],
             heads, len_q, len_k, d_qk, d_v, float(scale), _length_bucket(len_q, len_k))
-    meta = dict(IS_CAUSAL=bool(is_causal), WITH_TANGENT=with_tangent, DOT_PRECISION=precision,
+    slack = rescale_slack_for(q.dtype) if rescale_slack is None else float(rescale_slack)
+    meta = dict(IS_CAUSAL=bool(is_causal), WITH_TANGENT=with_tangent, RESCALE_SLACK=slack,
+                DOT_PRECISION=precision,
                 INTERPRETER=triton_interpreter_on(),
                 MANUAL_BF16=triton_interpreter_on() and q.dtype == torch.bfloat16,
                 BLOCK_DQK=padded_head_dim(d_qk), BLOCK_DV=padded_head_dim(d_v))

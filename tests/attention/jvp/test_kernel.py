@@ -37,7 +37,7 @@ def test_float32_kernel_matches_float64(case, causal):
     assert torch.isfinite(out).all()
     assert rel_l2(o, o64) < TOLERANCES["fp32_vs_fp64"]
     assert rel_l2(to, to64) < TOLERANCES["fp32_vs_fp64"]
-    _, _, lse_twin = ref.jvp_attention_blockwise(*ins, causal, None, block_n=16)
+    _, _, lse_twin = ref.jvp_attention_blockwise(*ins, causal, None, block_n=16, block_m=16)
     assert rel_l2(lse, lse_twin) < TOLERANCES["fp32_vs_fp64"]
 
 
@@ -54,7 +54,7 @@ def test_16bit_kernel_error_within_twice_math_attention(dtype, causal, peaked):
     assert rel_l2(o, o64) <= bar * rel_l2(om, o64)
     assert rel_l2(to, to64) <= bar * rel_l2(tom, to64)
     # and the kernel computes what its twin computes
-    ot, tot, _ = ref.jvp_attention_blockwise(*ins, causal, None, block_n=16)
+    ot, tot, _ = ref.jvp_attention_blockwise(*ins, causal, None, block_n=16, block_m=16)
     assert rel_l2(o, ot) < TOLERANCES["kernel_vs_twin_16bit"]
     assert rel_l2(to, tot) < TOLERANCES["kernel_vs_twin_16bit"]
 
@@ -86,3 +86,52 @@ def test_library_ops_have_consistent_schema_and_fake(op, nargs, causal):
     result = torch.library.opcheck(getattr(torch.ops.fewer, op).default, (*ins, causal, 0.25),
                                    test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def _growing_max_inputs(dtype):
+    """Scores whose row max keeps growing along the keys, with a late near-one-hot key: the lazy
+    running max must move mid-sequence (and by more than the slack) for these rows."""
+    q, k, v, tq, tk, tv = make_inputs(1, 2, 40, 150, 64, torch.float32)
+    ramp = torch.linspace(0.5, 3.0, k.shape[2])[None, None, :, None]
+    k = k * ramp
+    k[:, :, 131] = q[:, :, 7] * 2.0          # query 7 meets a dominant key late (past several blocks)
+    return [t.to(dtype) for t in (q, k, v, tq, tk, tv)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lazy_rescaling_is_exact(causal):
+    """The lazy max (slack 8) and the classic rescale-every-block schedule compute the same O, tO and
+    LSE in float32: any shift of the max cancels."""
+    from fewer.attention.jvp.triton import ALWAYS_RESCALE, jvp_attention_forward
+    ins = _growing_max_inputs(torch.float32)
+    lazy = jvp_attention_forward(*ins, causal, 0.125, rescale_slack=8.0)
+    classic = jvp_attention_forward(*ins, causal, 0.125, rescale_slack=ALWAYS_RESCALE)
+    for a, b in zip(lazy, classic):
+        assert rel_l2(a, b) < TOLERANCES["fp32_vs_fp64"]
+    o64, to64 = ref.jvp_attention_exact(*(t.double() for t in ins), causal, 0.125, compute_dtype=torch.float64)
+    assert rel_l2(lazy[0], o64) < TOLERANCES["fp32_vs_fp64"]
+    assert rel_l2(lazy[1], to64) < TOLERANCES["fp32_vs_fp64"]
+
+
+def test_twin_tiles_its_lazy_max_like_the_kernel():
+    """Per-tile (block_m) and per-row decisions differ only by rounding; per-tile matches the kernel."""
+    from fewer.attention.jvp.triton import jvp_attention_forward
+    ins = _growing_max_inputs(torch.bfloat16)
+    kernel = jvp_attention_forward(*ins, False, 0.125)
+    tiled = ref.jvp_attention_blockwise(*ins, False, 0.125, block_n=16, block_m=16)
+    per_row = ref.jvp_attention_blockwise(*ins, False, 0.125, block_n=16)
+    assert rel_l2(kernel[1], tiled[1]) < 1e-5
+    assert rel_l2(tiled[1], per_row[1]) < 2e-2
+
+
+def test_fp16_keeps_probabilities_at_most_one():
+    """fp16 rounds P~ and P~ (tS - c): slack 0 keeps P~ <= 1, so a large tangent cannot overflow it."""
+    from fewer.attention.jvp.reference import rescale_slack_for
+    from fewer.attention.jvp.triton import jvp_attention_forward
+    assert rescale_slack_for(torch.float16) == 0.0 and rescale_slack_for(torch.bfloat16) == 8.0
+    q, k, v, tq, tk, tv = _growing_max_inputs(torch.float32)
+    ins = [t.half() for t in (q, k, v, tq * 150, tk * 150, tv)]
+    o, to, _ = jvp_attention_forward(*ins, False, 0.125)
+    assert torch.isfinite(o).all() and torch.isfinite(to).all()
+    o64, to64 = ref.jvp_attention_exact(*(t.double() for t in ins), False, 0.125, compute_dtype=torch.float64)
+    assert rel_l2(to, to64) < 1e-2

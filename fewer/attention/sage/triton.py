@@ -6,9 +6,10 @@ Three memory-bound kernels quantize, then one attention kernel runs (the arithme
 - ``_kv_stats_kernel``: per 128-token chunk, K and V column sums (means) and V column max and min (V range);
 - ``_quant_q_kernel``: Q * sm_scale * log2(e), optional Q smoothing (mean per 128 tokens), INT8 per group;
 - ``_quant_kv_kernel``: K minus its mean -> INT8 per group; V (minus its mean) / per-channel scale -> FP8, written
-  transposed ([D, L], the K-major layout the FP8 wgmma needs for its B operand);
-- ``_attn_fwd_kernel``: INT8 QK^T (int32 accumulation), dequantize (exact int->float, one FMUL per score), online
-  softmax in base 2, P~ * 448 -> FP8, FP8 PV into a FRESH accumulator per KV block added into FP32
+  transposed ([D, L], the K-major layout the FP8 wgmma needs for its B operand), keys reordered inside every 16
+  (``key_slots``) to match the register order of P~;
+- ``_attn_fwd_kernel``: K and V^T tiles by TMA on sm90, INT8 QK^T (int32 accumulation), dequantize (exact int->float;
+  with per-thread/per-warp K scales one FFMA per score gives the exp2 argument), online softmax in base 2, P~ * 448 -> FP8, FP8 PV into a FRESH accumulator per KV block added into FP32
   (never ``acc = tl.dot(p, v, acc)``: Triton lets an FP8 dot keep Hopper's ~13-bit running accumulator,
   which lost ~5% rel-L1 in a measurement; see ../../../../shared/research/sageattention.md section 7).
 

@@ -70,6 +70,8 @@ def environment() -> dict[str, str]:
 
 def gpu_slug(name: str | None = None) -> str:
     name = name or environment()["gpu"]
+    if name.startswith("cpu"):  # one folder for CPU results, whatever the processor
+        return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -58,6 +58,7 @@ class LMBaselineResult:
     train_tokens: int
     history: list[dict[str, Any]]
     config: LMBaselineConfig
+    model: torch.nn.Module | None = None    # the trained model (eval mode), for follow-up evaluations
 
 
 @torch.no_grad()
@@ -107,4 +108,4 @@ def run_lm_baseline(cfg: LMBaselineConfig, out_dir: str | Path = "", progress: b
     final = eval_fn(model.to(device))
     return LMBaselineResult(val_loss=final["val_loss"], val_ppl=final["val_ppl"], params=model.num_params(),
                             train_tokens=cfg.steps * cfg.batch_size * cfg.seq_len, history=result.history,
-                            config=cfg)
+                            config=cfg, model=model.eval())

@@ -86,7 +86,10 @@ def quantize_code(a, k, negative, MANT: tl.constexpr, BIAS: tl.constexpr, INTEGE
     else:
         y = a * (2.0 ** (BIAS - 1 + MANT))
     if STOCHASTIC:
-        low = tl.floor(y)
+        if MANT == 1 and not INTEGER:
+            low = (y >= 1.0).to(tl.float32)     # = floor(y) wherever `small` is used (a < 1: y < 2)
+        else:
+            low = tl.floor(y)
         y = low + ((k.to(tl.float32) * (1.0 / 16777216.0)) < (y - low)).to(tl.float32)
     small = (y + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
     if INTEGER:
@@ -104,13 +107,16 @@ def quantize_code(a, k, negative, MANT: tl.constexpr, BIAS: tl.constexpr, INTEGE
 
 
 @triton.jit
-def nvfp4_block_scale(amax, encode_factor, SCALE_ROUND: tl.constexpr):
+def nvfp4_block_scale(amax, encode_factor, SCALE_ROUND: tl.constexpr, HW_CVT: tl.constexpr):
     ratio = amax * encode_factor
     if SCALE_ROUND == 2:
         ratio = ratio * 1.0625
     ratio = tl.minimum(ratio, 448.0)
     if SCALE_ROUND == 1:
         sb = round_magnitude(ratio, ratio, 3, -6, False, 2)
+    elif HW_CVT:
+        # cvt.rn.satfinite.e4m3x2.f32: the same round-to-nearest-even onto the E4M3 grid, in one instruction
+        sb = ratio.to(tl.float8e4nv).to(tl.float32)
     else:
         sb = round_magnitude(ratio, ratio, 3, -6, False, 0)
     return tl.where(sb == 0.0, 0.001953125, sb)
@@ -134,8 +140,8 @@ def amax_partial_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def block_factors(amax, encode_factor, s2, EMAX: tl.constexpr, EMAXEXP: tl.constexpr, SCALE: tl.constexpr,
-                  SCALE_ROUND: tl.constexpr):
-    """Per block: (multiplier applied to |x|, scale value to store). Mirrors reference.quantize."""
+                  SCALE_ROUND: tl.constexpr, HW_CVT: tl.constexpr):
+    """Per block: (multiplier applied to x, scale value to store). Mirrors reference.quantize."""
     if SCALE == 0:
         s = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, EMAX))
         return tl.math.div_rn(1.0, s), s
@@ -143,113 +149,254 @@ def block_factors(amax, encode_factor, s2, EMAX: tl.constexpr, EMAXEXP: tl.const
         e = e8m0_exponent(amax, EMAX, EMAXEXP, SCALE_ROUND)
         return exp2i(-e), e.to(tl.float32)
     else:
-        sb = nvfp4_block_scale(amax, encode_factor, SCALE_ROUND)
+        sb = nvfp4_block_scale(amax, encode_factor, SCALE_ROUND, HW_CVT)
         return tl.math.div_rn(1.0, sb * s2), sb
 
 
 @triton.jit
-def store_scales(ptr, values, mask, SCALE: tl.constexpr):
+def fill_nvfp4_table(table_ptr, s2):
+    """table[j] = 1 / (b_j * s2), b_j the float32 with bits (j + 944) << 20, for j in [0, 256).
+
+    Every E4M3 block-scale value b (2^-9 <= b <= 448, at most 3 mantissa bits) is b_j for
+    j = (bits(b) >> 20) - 944 (the 8 exponent and top 3 mantissa bits of its float32), so a block's
+    multiplier 1/(s_b s2) is one load instead of a division, with the same IEEE-rounded value.
+    Each program writes the whole table (the same values), then waits at a barrier before reading it.
+    """
+    j = tl.arange(0, 256)
+    b = ((j + 944) << 20).to(tl.float32, bitcast=True)
+    tl.store(table_ptr + j, tl.math.div_rn(1.0, b * s2))
+    tl.debug_barrier()
+
+
+@triton.jit
+def nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND: tl.constexpr, HW_CVT: tl.constexpr):
+    """Per-tensor NVFP4 blocks: (multiplier 1/(s_b s2) read from the table, s_b)."""
+    sb = nvfp4_block_scale(amax, encode_factor, SCALE_ROUND, HW_CVT)
+    return tl.load(table_ptr + ((sb.to(tl.int32, bitcast=True) >> 20) - 944)), sb
+
+
+@triton.jit
+def store_scales(ptr, values, mask, SCALE: tl.constexpr, HW_CVT: tl.constexpr):
     if SCALE == 0:
         tl.store(ptr, values, mask=mask)
     elif SCALE == 3:
         tl.store(ptr, (values.to(tl.int32) + 127).to(tl.uint8), mask=mask)
+    elif HW_CVT:
+        tl.store(ptr, values.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)   # exact: values are E4M3
     else:
         tl.store(ptr, fp8_bits(values, values < 0.0, 3, 7), mask=mask)
 
 
 @triton.jit
+def fp8_codes_asm(v, MANT: tl.constexpr):
+    """v (fp32) -> E4M3 (MANT 3) or E5M2 codes via explicit cvt.rn.satfinite.*x2.f32 PTX, four per 32-bit register."""
+    if MANT == 3:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [v], dtype=tl.uint8, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1; cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [v], dtype=tl.uint8, is_pure=True, pack=4)
+
+
+@triton.jit
+def encode_elements(v, k, MANT: tl.constexpr, BIAS: tl.constexpr, INTEGER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                    SIGN_SHIFT: tl.constexpr, EMAX: tl.constexpr, CLAMP: tl.constexpr, HW_CVT: tl.constexpr):
+    """Scaled values v = x * block factor (signed fp32) -> element codes, int32 in [0, 2^bits), sign included.
+
+    RTN FP8 on sm_89+ (HW_CVT) is the hardware cvt.rn.satfinite (round to nearest even, saturating at
+    +-max: the reference's clamp-then-round); RTN INT8 rounds the signed value with the 1.5*2^23 trick
+    (nearest-even is odd-symmetric), whose low byte is the two's-complement code. Everything else
+    goes through quantize_code on the magnitude (rounding on the fp32 bits).
+    """
+    if HW_CVT == 2 and not STOCHASTIC and not INTEGER and MANT != 1:
+        return fp8_codes_asm(v, MANT).to(tl.int32)
+    elif HW_CVT and not STOCHASTIC and not INTEGER and MANT != 1:
+        if MANT == 3:
+            c = v.to(tl.float8e4nv)
+        else:
+            c = v.to(tl.float8e5)
+        return c.to(tl.uint8, bitcast=True).to(tl.int32)
+    elif INTEGER and not STOCHASTIC:
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, -EMAX), EMAX)
+        return (v + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+    else:
+        a = tl.abs(v)
+        if CLAMP:
+            a = tl.minimum(a, EMAX)
+        negative = v.to(tl.int32, bitcast=True) < 0
+        code = quantize_code(a, k, negative, MANT, BIAS, INTEGER, STOCHASTIC, SIGN_SHIFT)
+        if INTEGER:
+            code = code & 0xFF
+        return code
+
+
+@triton.jit
+def load_tile(x_ptr, tile, n_tiles, n_k, M, K, stride_xm,
+              BM: tl.constexpr, BK: tl.constexpr, RPT: tl.constexpr, VEC: tl.constexpr):
+    """Tile number ``tile`` (row-major over [M/BM, K/BK]) as [NG, RPT, BK], in x's dtype; zeros past the end."""
+    NG: tl.constexpr = BM // RPT
+    m0 = (tile // n_k) * BM
+    k0 = (tile % n_k) * BK
+    rows = m0 + tl.arange(0, NG)[:, None] * RPT + tl.arange(0, RPT)[None, :]          # [NG, RPT]
+    # VEC: elements per thread along K (the load's vector width; 4 x bf16 = 8 bytes)
+    offs_kv = tl.max_contiguous(k0 + tl.arange(0, BK), VEC)
+    mask = ((rows < M) & (tile < n_tiles))[:, :, None] & (offs_kv < K)[None, None, :]
+    return tl.load(x_ptr + rows.to(tl.int64)[:, :, None] * stride_xm + offs_kv[None, None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def dual_quantize_kernel(
-    x_ptr, M, K, stride_xm, stride_xk,
+    x_ptr, M, K, stride_xm,
     row_data_ptr, row_scale_ptr, row_outer_ptr,
     col_data_ptr, col_scale_ptr, col_outer_ptr,
-    amax_ptr, key_row, key_col,
-    BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr,
+    amax_ptr, table_ptr, key_row, key_col,
+    BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr, RPT: tl.constexpr, VEC: tl.constexpr,
     MANT: tl.constexpr, BIAS: tl.constexpr, INTEGER: tl.constexpr, PACK: tl.constexpr,
     SIGN_SHIFT: tl.constexpr, EMAX: tl.constexpr, EMAXEXP: tl.constexpr,
     SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr,
-    STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr,
+    STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr, HW_CVT: tl.constexpr,
+    HW_ROW: tl.constexpr, HW_COL: tl.constexpr,
 ):
-    # SCALE 0: fp32 amax/max; 1: NVFP4 with per-tensor s2; 2: NVFP4 with 1x128 s2; 3: E8M0
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    in_m = offs_m < M
-    in_k = offs_k < K
-    mask = in_m[:, None] & in_k[None, :]
-    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    negative = x.to(tl.int32, bitcast=True) < 0
-    if STOCHASTIC:
-        index = (offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]).to(tl.uint32)
+    """[BM, BK] tiles of x (contiguous along K) -> row-wise and column-wise codes and scales.
+
+    Persistent: program p handles tiles p, p + P, p + 2P, ... (P programs), and loads the next
+    tile into registers before it quantizes the current one, so the loads of one tile overlap the
+    arithmetic of the previous one.
+
+    A tile is held as [NG, RPT, BK]: element [g, i, k] is x[m0 + g*RPT + i, k0 + k]. The load
+    vectorizes along k (lanes along k, then g), and as long as NG*BK/VEC covers every thread,
+    Triton keeps the whole RPT axis in each thread's registers: a column-wise block of RPT=16
+    consecutive rows is then reduced, scaled, rounded and packed inside one thread (blocks of 32 or
+    128 rows add a shuffle / a small cross-warp max over the [NG, BK] partial maxima). Row-wise
+    blocks run along k over VEC-element register vectors and a few lanes (butterfly shuffles).
+    Codes are packed into 32-bit words in registers (8 FP4 or 4 byte codes) and stored as words:
+    the data pointers are int32 views of the code buffers.
+    """
+    n_m = tl.cdiv(M, BM)
+    n_k = tl.cdiv(K, BK)
+    n_tiles = n_m * n_k
     s2 = 1.0
     encode_factor = 1.0
     if SCALE == 1:
         t_amax = tl.load(amax_ptr)
         s2 = tl.where(t_amax == 0.0, 1.0, tl.math.div_rn(t_amax, 2688.0))
         encode_factor = tl.math.div_rn(1.0, s2 * 6.0)
+        fill_nvfp4_table(table_ptr, s2)
+    step = tl.num_programs(0)
+    tile = tl.program_id(0)
+    xin_next = load_tile(x_ptr, tile, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
+    while tile < n_tiles:      # a while loop: the interpreter (numpy >= 2.4) cannot take a runtime range() bound
+        xin = xin_next
+        xin_next = load_tile(x_ptr, tile + step, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
+        quantize_tile(xin, tile // n_k, tile % n_k, M, K, s2, encode_factor, table_ptr,
+                      row_data_ptr, row_scale_ptr, row_outer_ptr, col_data_ptr, col_scale_ptr, col_outer_ptr,
+                      key_row, key_col, BM, BK, BLOCK, RPT, MANT, BIAS, INTEGER, PACK, SIGN_SHIFT, EMAX, EMAXEXP,
+                      SCALE, SCALE_ROUND, STOCHASTIC, DO_ROW, DO_COL, HW_CVT, HW_ROW, HW_COL)
+        tile += step
+
+
+@triton.jit
+def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
+                  row_data_ptr, row_scale_ptr, row_outer_ptr, col_data_ptr, col_scale_ptr, col_outer_ptr,
+                  key_row, key_col,
+                  BM: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr, RPT: tl.constexpr,
+                  MANT: tl.constexpr, BIAS: tl.constexpr, INTEGER: tl.constexpr, PACK: tl.constexpr,
+                  SIGN_SHIFT: tl.constexpr, EMAX: tl.constexpr, EMAXEXP: tl.constexpr,
+                  SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr, HW_CVT: tl.constexpr,
+                  HW_ROW: tl.constexpr, HW_COL: tl.constexpr):
+    # SCALE 0: fp32 amax/max; 1: NVFP4 with per-tensor s2; 2: NVFP4 with 1x128 s2; 3: E8M0
+    NG: tl.constexpr = BM // RPT
+    W: tl.constexpr = 8 if PACK else 4              # codes per 32-bit word
+    CB: tl.constexpr = 4 if PACK else 8             # bits per code
+    # saturate before rounding (SR can round an overshoot of a few ulps up past the max; and the clamp keeps
+    # INT8's x * factor from being contracted into one FMA with the rounding constant)
+    CLAMP: tl.constexpr = True
+    m0 = pid_m * BM
+    k0 = pid_k * BK
+    offs_g = tl.arange(0, NG)
+    offs_k = k0 + tl.arange(0, BK)
+    rows = m0 + offs_g[:, None] * RPT + tl.arange(0, RPT)[None, :]                      # [NG, RPT]
+    in_k = offs_k < K
+    in_g = (m0 + offs_g * RPT) < M                                           # M is a multiple of RPT
+    x = xin.to(tl.float32)
+    if STOCHASTIC:
+        index = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]  # mod 2^32
 
     if DO_ROW:
-        NB: tl.constexpr = BK // BLOCK
-        ar = tl.reshape(ax, (BM, NB, BLOCK))
-        amax = tl.max(ar, axis=2)
+        NBK: tl.constexpr = BK // BLOCK
+        x4 = tl.reshape(x, (NG, RPT, NBK, BLOCK))
+        amax = tl.max(tl.abs(x4), axis=3)                                    # [NG, RPT, NBK]
         if SCALE == 2:
-            o_amax = tl.max(amax, axis=1)
+            o_amax = tl.max(amax, axis=2)                                    # BK == 128: the row's outer block
             s2o = tl.where(o_amax == 0.0, 1.0, tl.math.div_rn(o_amax, 2688.0))
-            factor, stored = block_factors(amax, tl.math.div_rn(1.0, s2o * 6.0)[:, None], s2o[:, None],
-                                           EMAX, EMAXEXP, SCALE, SCALE_ROUND)
+            factor, stored = block_factors(amax, tl.math.div_rn(1.0, s2o * 6.0)[:, :, None], s2o[:, :, None],
+                                           EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
+        elif SCALE == 1:
+            factor, stored = nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND, HW_CVT)
         else:
-            factor, stored = block_factors(amax, encode_factor, s2, EMAX, EMAXEXP, SCALE, SCALE_ROUND)
-        a = tl.minimum(ar * factor[:, :, None], EMAX)
-        k = a.to(tl.int32, bitcast=True)
+            factor, stored = block_factors(amax, encode_factor, s2, EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
+        k = x4.to(tl.int32, bitcast=True)
         if STOCHASTIC:
-            k = uniform_bits(key_row, tl.reshape(index, (BM, NB, BLOCK)))
-        codes = quantize_code(a, k, tl.reshape(negative, (BM, NB, BLOCK)), MANT, BIAS, INTEGER, STOCHASTIC,
-                              SIGN_SHIFT)
-        codes = tl.reshape(codes, (BM, BK))
-        if PACK:
-            lo, hi = tl.split(tl.reshape(codes, (BM, BK // 2, 2)))
-            offs_b = pid_k * (BK // 2) + tl.arange(0, BK // 2)
-            tl.store(row_data_ptr + offs_m.to(tl.int64)[:, None] * (K // 2) + offs_b[None, :],
-                     (lo | (hi << 4)).to(tl.uint8), mask=in_m[:, None] & (offs_b < K // 2)[None, :])
-        else:
-            tl.store(row_data_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :],
-                     codes.to(row_data_ptr.dtype.element_ty), mask=mask)
-        offs_s = pid_k * NB + tl.arange(0, NB)
-        store_scales(row_scale_ptr + offs_m.to(tl.int64)[:, None] * (K // BLOCK) + offs_s[None, :], stored,
-                     in_m[:, None] & (offs_s < K // BLOCK)[None, :], SCALE)
+            k = uniform_bits(key_row, tl.reshape(index, (NG, RPT, NBK, BLOCK)))
+        codes = encode_elements(x4 * factor[:, :, :, None], k, MANT, BIAS, INTEGER, STOCHASTIC, SIGN_SHIFT, EMAX,
+                                CLAMP, HW_ROW)
+        words = tl.sum(tl.reshape(codes, (NG, RPT, BK // W, W)) << (tl.arange(0, W) * CB), axis=3)
+        offs_w = k0 // W + tl.arange(0, BK // W)
+        tl.store(row_data_ptr + rows.to(tl.int64)[:, :, None] * (K // W) + offs_w[None, None, :], words,
+                 mask=(rows < M)[:, :, None] & (offs_w < K // W)[None, None, :])
+        offs_s = pid_k * NBK + tl.arange(0, NBK)
+        store_scales(row_scale_ptr + rows.to(tl.int64)[:, :, None] * (K // BLOCK) + offs_s[None, None, :], stored,
+                     (rows < M)[:, :, None] & (offs_s < K // BLOCK)[None, None, :], SCALE, HW_CVT)
         if SCALE == 2:
-            tl.store(row_outer_ptr + offs_m.to(tl.int64) * (K // BK) + pid_k, s2o, mask=in_m)
+            tl.store(row_outer_ptr + rows.to(tl.int64) * (K // BK) + pid_k, s2o, mask=rows < M)
 
     if DO_COL:
-        NBM: tl.constexpr = BM // BLOCK
-        ac = tl.reshape(ax, (NBM, BLOCK, BK))
-        amax = tl.max(ac, axis=1)
+        GB: tl.constexpr = BLOCK // RPT                                      # row groups per column block
+        NBC: tl.constexpr = NG // GB
+        g_amax = tl.max(tl.abs(x), axis=1)                                   # [NG, BK], inside each thread
+        if GB > 1:
+            amax = tl.max(tl.reshape(g_amax, (NBC, GB, BK)), axis=1)         # [NBC, BK]
+        else:
+            amax = g_amax
         if SCALE == 2:
-            o_amax = tl.max(amax, axis=0)
+            o_amax = tl.max(amax, axis=0)                                    # BM == 128: the column's outer block
             s2o = tl.where(o_amax == 0.0, 1.0, tl.math.div_rn(o_amax, 2688.0))
             factor, stored = block_factors(amax, tl.math.div_rn(1.0, s2o * 6.0)[None, :], s2o[None, :],
-                                           EMAX, EMAXEXP, SCALE, SCALE_ROUND)
+                                           EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
+        elif SCALE == 1:
+            factor, stored = nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND, HW_CVT)
         else:
-            factor, stored = block_factors(amax, encode_factor, s2, EMAX, EMAXEXP, SCALE, SCALE_ROUND)
-        a = tl.minimum(ac * factor[:, None, :], EMAX)
-        k = a.to(tl.int32, bitcast=True)
+            factor, stored = block_factors(amax, encode_factor, s2, EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
+        if GB > 1:
+            factor = tl.reshape(tl.broadcast_to(factor[:, None, :], (NBC, GB, BK)), (NG, BK))
+        k = x.to(tl.int32, bitcast=True)
         if STOCHASTIC:
-            k = uniform_bits(key_col, tl.reshape(index, (NBM, BLOCK, BK)))
-        codes = quantize_code(a, k, tl.reshape(negative, (NBM, BLOCK, BK)), MANT, BIAS, INTEGER, STOCHASTIC,
-                              SIGN_SHIFT)
-        codes = tl.trans(tl.reshape(codes, (BM, BK)))
+            k = uniform_bits(key_col, index)
+        # column-wise FP8 codes: explicit cvt PTX (HW_COL; Triton's fp8 cast differed from the reference here on
+        # an H200, v3a), else the arithmetic path
+        codes = encode_elements(x * factor[:, None, :], k, MANT, BIAS, INTEGER, STOCHASTIC, SIGN_SHIFT, EMAX,
+                                CLAMP, 2 if HW_COL else 0)
+        # pack each thread's RPT consecutive rows (one column) into RPT // W words, little end first
+        ii = tl.arange(0, RPT)[None, :, None]
+        shifted = codes << ((ii % W) * CB)
+        w0 = tl.sum(tl.where(ii // W == 0, shifted, 0), axis=1)
+        w1 = tl.sum(tl.where(ii // W == 1, shifted, 0), axis=1)
         if PACK:
-            lo, hi = tl.split(tl.reshape(codes, (BK, BM // 2, 2)))
-            offs_b = pid_m * (BM // 2) + tl.arange(0, BM // 2)
-            tl.store(col_data_ptr + offs_k.to(tl.int64)[:, None] * (M // 2) + offs_b[None, :],
-                     (lo | (hi << 4)).to(tl.uint8), mask=in_k[:, None] & (offs_b < M // 2)[None, :])
+            words = tl.join(w0, w1)                                          # [NG, BK, 2]
         else:
-            tl.store(col_data_ptr + offs_k.to(tl.int64)[:, None] * M + offs_m[None, :],
-                     codes.to(col_data_ptr.dtype.element_ty), mask=in_k[:, None] & in_m[None, :])
-        offs_s = pid_m * NBM + tl.arange(0, NBM)
-        store_scales(col_scale_ptr + offs_k.to(tl.int64)[:, None] * (M // BLOCK) + offs_s[None, :],
-                     tl.trans(stored), in_k[:, None] & (offs_s < M // BLOCK)[None, :], SCALE)
+            w2 = tl.sum(tl.where(ii // W == 2, shifted, 0), axis=1)
+            w3 = tl.sum(tl.where(ii // W == 3, shifted, 0), axis=1)
+            words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (NG, BK, 4))
+        NW: tl.constexpr = RPT // W
+        offs_cw = (m0 // W + offs_g * NW)[:, None, None] + tl.arange(0, NW)[None, None, :]
+        tl.store(col_data_ptr + offs_k.to(tl.int64)[None, :, None] * (M // W) + offs_cw, words,
+                 mask=in_g[:, None, None] & in_k[None, :, None])
+        offs_s = pid_m * NBC + tl.arange(0, NBC)
+        store_scales(col_scale_ptr + offs_k.to(tl.int64)[None, :] * (M // BLOCK) + offs_s[:, None], stored,
+                     (offs_s < M // BLOCK)[:, None] & in_k[None, :], SCALE, HW_CVT)
         if SCALE == 2:
             tl.store(col_outer_ptr + offs_k.to(tl.int64) * (M // BM) + pid_m, s2o, mask=in_k)

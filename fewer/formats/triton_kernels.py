@@ -34,6 +34,11 @@ from .rounding import stream_key
 from .spec import E2M1, E4M3, E5M2, INT8_ELEMENT, FormatSpec, get_spec
 
 _SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 2}
+# FP8 RTN element codes through the hardware cvt (sm_89+): row-wise with Triton's fp8 cast, column-wise with
+# explicit cvt PTX. Only with vec <= 4: with vec = 8 Triton's cast gave codes that differed from the reference
+# on an H200 (v3 tile sweep), so wider vectors take the arithmetic path. False: arithmetic everywhere.
+HW_ELEMENT_CVT = True
+LAST_COMPILED = None     # the last launched compiled kernel (benchmarks read n_regs / n_spills off it)
 FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_double",
                  "mxfp4", "mxfp8", "mxfp8_e5m2")
 
@@ -42,6 +47,32 @@ FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "n
 def _kernels():
     from . import _triton_impl
     return _triton_impl.amax_partial_kernel, _triton_impl.dual_quantize_kernel
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(kernel, kargs, meta, warps: int) -> int:
+    """Programs per SM for the persistent grid: as many as the SM's registers hold at once."""
+    key = tuple(sorted(meta.items())) + (str(kargs[0].dtype), kargs[0].device.index)
+    if key not in _RESIDENT:
+        compiled = kernel.warmup(*kargs, grid=(1,), **meta)
+        compiled._init_handles()                 # loads the binary: n_regs comes from the driver
+        n_regs = getattr(compiled, "n_regs", 0) or 255
+        per_warp = -(-n_regs * 32 // 256) * 256
+        _RESIDENT[key] = max(1, min(65536 // (per_warp * warps), 64 // warps, 32))
+    return _RESIDENT[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _hardware_fp8_cvt(device: torch.device) -> bool:
+    """cvt.rn.satfinite to E4M3/E5M2 exists from sm_89; the interpreter takes the arithmetic path."""
+    from ..core import triton_interpreter_on
+    return device.type == "cuda" and not triton_interpreter_on() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def tensor_amax(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
@@ -62,18 +93,37 @@ def _scale_kind(spec: FormatSpec) -> int:
     return 1 if spec.second_level == "tensor" else 2
 
 
-def default_tile(spec: FormatSpec, block: int, M: int, K: int) -> tuple[int, int]:
-    if spec.second_level == "outer128":
+ROWS_PER_THREAD = 16
+
+
+def default_tile(spec: FormatSpec, block: int, M: int, K: int, rounding: str = "nearest") -> tuple[int, int]:
+    """128 rows (8 groups of 16) x 64 columns for RTN; 128 x 128 for SR and where a block or outer block spans
+    128 (the fastest valid tiles of the v3 sweep on an H200, benchmarks/formats/NOTES.md)."""
+    if spec.second_level == "outer128" or block >= OUTER_BLOCK or rounding == "stochastic":
         return OUTER_BLOCK, OUTER_BLOCK
-    tile = max(64, block)
-    return tile, tile
+    return OUTER_BLOCK, max(64, block)
+
+
+def default_vec(spec: FormatSpec, rounding: str) -> int:
+    # INT8 RTN (no fp8 cvt) ran fastest with 8 elements per thread along K (16-byte loads)
+    return 8 if spec.element is INT8_ELEMENT and rounding == "nearest" else DEFAULT_VEC
+
+
+DEFAULT_VEC = 4          # elements per thread along K: 8-byte bf16 loads, 64 elements per thread
+
+
+def default_warps(BM: int, BK: int, vec: int) -> int:
+    # one thread per (row group, vector along K); more threads would split the 16 rows a thread keeps
+    slots = (BM // ROWS_PER_THREAD) * (BK // vec)
+    return max(1, min(16, slots // 32))
 
 
 def fused_quantize(x: torch.Tensor, spec: FormatSpec | str, *, rowwise: bool = True, colwise: bool = True,
                    block_size: Optional[int] = None, rounding: str = "nearest", scale_rounding: Optional[str] = None,
                    seed: Optional[int] = None, streams: tuple[int, int] = (0, 1), packed: bool = True,
                    tensor_amax_value: Optional[torch.Tensor] = None, tile: Optional[tuple[int, int]] = None,
-                   num_warps: Optional[int] = None) -> tuple[Optional[QuantizedTensor], Optional[QuantizedTensor]]:
+                   num_warps: Optional[int] = None, vec: Optional[int] = None,
+                   programs_per_sm: Optional[int] = None) -> tuple[Optional[QuantizedTensor], Optional[QuantizedTensor]]:
     """Quantize a 2D [M, K] matrix along K (row-wise) and along M (column-wise, stored [K, M]) in one launch.
 
     Returns (row_operand, col_operand); either is None when not asked for. Equals
@@ -117,14 +167,22 @@ def fused_quantize(x: torch.Tensor, spec: FormatSpec | str, *, rowwise: bool = T
         raise ValueError(f"{spec.name}: both dims of the [M, K] = [{M}, {K}] matrix must be multiples of {need} "
                          f"(blocks run along K for the row-wise and along M for the column-wise operand); "
                          f"pad with fewer.formats.pad_to_multiple")
-    BM, BK = tile if tile is not None else default_tile(spec, block, M, K)
-    if BM % block or BK % block or (spec.second_level == "outer128" and (BM, BK) != (OUTER_BLOCK, OUTER_BLOCK)):
-        raise ValueError(f"tile {(BM, BK)} must be a multiple of the block {block} (128x128 for outer128)")
+    BM, BK = tile if tile is not None else default_tile(spec, block, M, K, rounding)
+    if (BM % block or BK % block or BM % ROWS_PER_THREAD or BM & (BM - 1) or BK & (BK - 1)
+            or (spec.second_level == "outer128" and (BM, BK) != (OUTER_BLOCK, OUTER_BLOCK))):
+        raise ValueError(f"tile {(BM, BK)} must be powers of two, multiples of the block {block} and of "
+                         f"{ROWS_PER_THREAD} rows (128x128 for outer128)")
+    vec = default_vec(spec, rounding) if vec is None else vec
+    if vec not in (1, 2, 4, 8) or BK % vec:
+        raise ValueError(f"vec (elements per thread along K) must be 1, 2, 4 or 8 and divide BK={BK}, got {vec}")
+    if block < ROWS_PER_THREAD:
+        raise ValueError(f"the fused quantizer needs blocks of at least {ROWS_PER_THREAD} elements, got {block}")
 
     amax_in = None if tensor_amax_value is None else tensor_amax_value.to(x.device, torch.float32).reshape(1)
     (row_data, row_scale, row_outer, col_data, col_scale, col_outer, amax) = _fused_op()(
         x, spec.name, rowwise, colwise, block, rounding, scale_rounding, -1 if seed is None else int(seed),
-        int(streams[0]), int(streams[1]), amax_in, BM, BK, 0 if num_warps is None else int(num_warps))
+        int(streams[0]), int(streams[1]), amax_in, BM, BK, 0 if num_warps is None else int(num_warps), int(vec),
+        0 if programs_per_sm is None else int(programs_per_sm))
     row_bufs = (row_data, row_scale, row_outer)
     col_bufs = (col_data, col_scale, col_outer)
     element = spec.element
@@ -170,9 +228,10 @@ def _output_shapes(spec: FormatSpec, M: int, K: int, block: int, rowwise: bool, 
 
 
 def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
-            tensor_amax_in, BM, BK, num_warps):
+            tensor_amax_in, BM, BK, num_warps, vec, programs_per_sm):
     spec = get_spec(fmt)
     element, kind = spec.element, _scale_kind(spec)
+    x = x if x.stride(1) == 1 else x.contiguous()
     M, K = x.shape
     outs = [torch.empty(shape, device=x.device, dtype=dtype)
             for shape, dtype in _output_shapes(spec, M, K, block, rowwise, colwise)]
@@ -180,18 +239,32 @@ def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, str
         outs[6] = tensor_amax(x).reshape(1) if tensor_amax_in is None else tensor_amax_in.clone()
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     args = [o if o.numel() else dummy for o in outs]
+    for i in (0, 3):                         # codes are stored as 32-bit words (4 bytes, or 8 FP4 codes)
+        if outs[i].numel():
+            args[i] = outs[i].view(torch.int32)
     key_row = stream_key(seed, stream_row) if seed >= 0 else 0
     key_col = stream_key(seed, stream_col) if seed >= 0 else 0
     _, kernel = _kernels()
-    grid = (-(-M // BM), -(-K // BK))
-    extra = {"num_warps": num_warps} if num_warps else {}
-    kernel[grid](x, M, K, x.stride(0), x.stride(1), *args[:6], args[6], key_row, key_col,
-                 BM=BM, BK=BK, BLOCK=block, MANT=element.mantissa_bits or 0,
-                 BIAS=0 if element.is_integer else 1 - element.min_exponent,
-                 INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
-                 EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
-                 SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
-                 DO_ROW=rowwise, DO_COL=colwise, **extra)
+    n_tiles = -(-M // BM) * -(-K // BK)
+    warps = num_warps or default_warps(BM, BK, vec)
+    hw = _hardware_fp8_cvt(x.device)
+    hw_elem = hw and HW_ELEMENT_CVT and vec <= 4
+    meta = dict(BM=BM, BK=BK, BLOCK=block, RPT=ROWS_PER_THREAD, VEC=vec, MANT=element.mantissa_bits or 0,
+                BIAS=0 if element.is_integer else 1 - element.min_exponent,
+                INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
+                EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
+                SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
+                DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem,
+                num_warps=warps, num_stages=1)
+    table = torch.empty(256, device=x.device, dtype=torch.float32) if kind == 1 else dummy   # 1/(s_b s2), see kernel
+    kargs = (x, M, K, x.stride(0), *args[:6], args[6], table, key_row, key_col)
+    if x.device.type == "cuda":
+        per_sm = programs_per_sm or _resident_programs(kernel, kargs, meta, warps)
+        grid = (min(n_tiles, per_sm * _sm_count(x.device)),)
+    else:                                # interpreter: programs_per_sm counts programs in all (tests the loop)
+        grid = (min(n_tiles, programs_per_sm or n_tiles),)
+    global LAST_COMPILED
+    LAST_COMPILED = kernel[grid](*kargs, **meta)
     return tuple(outs)
 
 
@@ -202,15 +275,15 @@ def _fused_op():
     @torch.library.custom_op("fewer::formats_fused_quantize", mutates_args=())
     def fused_quantize_op(x: torch.Tensor, fmt: str, rowwise: bool, colwise: bool, block: int, rounding: str,
                           scale_rounding: str, seed: int, stream_row: int, stream_col: int,
-                          tensor_amax_in: Optional[torch.Tensor], BM: int, BK: int, num_warps: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          tensor_amax_in: Optional[torch.Tensor], BM: int, BK: int, num_warps: int, vec: int,
+                          programs_per_sm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor]:
         return _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
-                       tensor_amax_in, BM, BK, num_warps)
+                       tensor_amax_in, BM, BK, num_warps, vec, programs_per_sm)
 
     @fused_quantize_op.register_fake
     def _(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
-          tensor_amax_in, BM, BK, num_warps):
+          tensor_amax_in, BM, BK, num_warps, vec, programs_per_sm):
         M, K = x.shape
         return tuple(x.new_empty(shape, dtype=dtype)
                      for shape, dtype in _output_shapes(get_spec(fmt), M, K, block, rowwise, colwise))

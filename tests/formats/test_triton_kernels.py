@@ -138,5 +138,38 @@ def test_custom_op_fake_matches_real(name):
     from fewer.formats.triton_kernels import _fused_op
     x = _input(128, 128, seed=6)
     block = 16 if name.startswith("nvfp4") else 32
-    args = (x, name, True, True, block, "stochastic", "nearest", 5, 0, 1, None, 128, 128, 0)
+    args = (x, name, True, True, block, "stochastic", "nearest", 5, 0, 1, None, 128, 128, 0, 4, 0)
     torch.library.opcheck(_fused_op(), args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("name,tile,vec", [("nvfp4", (64, 64), 2), ("mxfp8", (64, 128), 8), ("int8_block1d", (128, 256), 1),
+                                           ("mxfp4", (32, 32), 4)])
+def test_other_tiles_and_vector_widths(name, tile, vec):
+    # the tile and per-thread vector width change only the layout, never a code or a scale
+    from fewer.formats.triton_kernels import fused_quantize
+    x = _input(128, 256, seed=7)
+    for rounding, seed in (("nearest", None), ("stochastic", 11)):
+        row, col = fused_quantize(x, name, rounding=rounding, seed=seed, tile=tile, vec=vec)
+        _assert_same(row, quantize(x, name, dim=1, rounding=rounding, seed=seed, stream=0))
+        _assert_same(col, quantize(x, name, dim=0, rounding=rounding, seed=seed, stream=1))
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp8", "nvfp4_double"])
+def test_persistent_loop_over_tiles(name):
+    # fewer programs than tiles: each program loops, prefetching its next tile (2 x 4 tiles of 64x64 or 4 of 128^2)
+    from fewer.formats.triton_kernels import fused_quantize
+    x = _input(128, 256, seed=8)
+    tile = (128, 128) if name == "nvfp4_double" else (64, 64)
+    for rounding, seed in (("nearest", None), ("stochastic", 5)):
+        row, col = fused_quantize(x, name, rounding=rounding, seed=seed, tile=tile, programs_per_sm=3)
+        _assert_same(row, quantize(x, name, dim=1, rounding=rounding, seed=seed, stream=0))
+        _assert_same(col, quantize(x, name, dim=0, rounding=rounding, seed=seed, stream=1))
+
+
+def test_tile_and_vec_errors():
+    from fewer.formats.triton_kernels import fused_quantize
+    x = _input(64, 64)
+    with pytest.raises(ValueError, match="multiples of the block"):
+        fused_quantize(x, "mxfp8", tile=(16, 64))
+    with pytest.raises(ValueError, match="vec"):
+        fused_quantize(x, "nvfp4", tile=(64, 64), vec=3)

@@ -258,7 +258,7 @@ def dual_quantize_kernel(
     SIGN_SHIFT: tl.constexpr, EMAX: tl.constexpr, EMAXEXP: tl.constexpr,
     SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr,
     STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr, HW_CVT: tl.constexpr,
-    HW_ROW: tl.constexpr, HW_COL: tl.constexpr,
+    HW_ROW: tl.constexpr, HW_COL: tl.constexpr, BLOCK2D: tl.constexpr,
 ):
     """[BM, BK] tiles of x (contiguous along K) -> row-wise and column-wise codes and scales.
 
@@ -291,10 +291,15 @@ def dual_quantize_kernel(
     while tile < n_tiles:      # a while loop: the interpreter (numpy >= 2.4) cannot take a runtime range() bound
         xin = xin_next
         xin_next = load_tile(x_ptr, tile + step, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
-        quantize_tile(xin, tile // n_k, tile % n_k, M, K, s2, encode_factor, table_ptr,
-                      row_data_ptr, row_scale_ptr, row_outer_ptr, col_data_ptr, col_scale_ptr, col_outer_ptr,
-                      key_row, key_col, BM, BK, BLOCK, RPT, MANT, BIAS, INTEGER, PACK, SIGN_SHIFT, EMAX, EMAXEXP,
-                      SCALE, SCALE_ROUND, STOCHASTIC, DO_ROW, DO_COL, HW_CVT, HW_ROW, HW_COL)
+        if BLOCK2D:
+            quantize_tile_2d(xin, tile // n_k, tile % n_k, M, K, encode_factor, table_ptr,
+                             row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, key_row, key_col,
+                             BM, BK, RPT, SCALE_ROUND, STOCHASTIC, DO_ROW, DO_COL)
+        else:
+            quantize_tile(xin, tile // n_k, tile % n_k, M, K, s2, encode_factor, table_ptr,
+                          row_data_ptr, row_scale_ptr, row_outer_ptr, col_data_ptr, col_scale_ptr, col_outer_ptr,
+                          key_row, key_col, BM, BK, BLOCK, RPT, MANT, BIAS, INTEGER, PACK, SIGN_SHIFT, EMAX, EMAXEXP,
+                          SCALE, SCALE_ROUND, STOCHASTIC, DO_ROW, DO_COL, HW_CVT, HW_ROW, HW_COL)
         tile += step
 
 
@@ -400,3 +405,72 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
                      (offs_s < M // BLOCK)[:, None] & in_k[None, :], SCALE, HW_CVT)
         if SCALE == 2:
             tl.store(col_outer_ptr + offs_k.to(tl.int64) * (M // BM) + pid_m, s2o, mask=in_k)
+
+
+@triton.jit
+def pack_column_words(codes, W: tl.constexpr, CB: tl.constexpr, RPT: tl.constexpr):
+    """[NG, RPT, BK] codes -> [NG, BK, RPT // W] 32-bit words, each thread's RPT rows of a column, little end first."""
+    ii = tl.arange(0, RPT)[None, :, None]
+    shifted = codes << ((ii % W) * CB)
+    w0 = tl.sum(tl.where(ii // W == 0, shifted, 0), axis=1)
+    w1 = tl.sum(tl.where(ii // W == 1, shifted, 0), axis=1)
+    if W == 8:
+        return tl.join(w0, w1)
+    else:
+        w2 = tl.sum(tl.where(ii // W == 2, shifted, 0), axis=1)
+        w3 = tl.sum(tl.where(ii // W == 3, shifted, 0), axis=1)
+        return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (w0.shape[0], w0.shape[1], 4))
+
+
+@triton.jit
+def quantize_tile_2d(xin, pid_m, pid_k, M, K, encode_factor, table_ptr,
+                     row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, key_row, key_col,
+                     BM: tl.constexpr, BK: tl.constexpr, RPT: tl.constexpr, SCALE_ROUND: tl.constexpr,
+                     STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr):
+    """NVFP4 with 16x16 blocks (weights): one E4M3 scale per (row group, 16 columns), shared by both operands.
+
+    The row-wise and the column-wise operand use the same blocks, so their scales are the same values
+    (stored [M/16, K/16] and [K/16, M/16]) and, with round-to-nearest, the same codes, transposed:
+    Q(W)^T = Q(W^T). SR draws each operand's own stream. Scales take the arithmetic E4M3 rounding (one
+    per 256 elements; the hardware cast is kept out of this layout, see NOTES.md).
+    """
+    NG: tl.constexpr = BM // RPT
+    NBK: tl.constexpr = BK // 16
+    m0 = pid_m * BM
+    k0 = pid_k * BK
+    offs_g = tl.arange(0, NG)
+    offs_k = k0 + tl.arange(0, BK)
+    rows = m0 + offs_g[:, None] * RPT + tl.arange(0, RPT)[None, :]                      # [NG, RPT]
+    in_k = offs_k < K
+    in_g = (m0 + offs_g * RPT) < M
+    x = xin.to(tl.float32)
+    g_amax = tl.max(tl.abs(x), axis=1)                                                    # [NG, BK]
+    amax = tl.max(tl.reshape(g_amax, (NG, NBK, 16)), axis=2)                              # [NG, NBK]
+    factor, sb = nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND, False)
+    factor = tl.reshape(tl.broadcast_to(factor[:, :, None], (NG, NBK, 16)), (NG, BK))
+    v = x * factor[:, None, :]
+    k_row = v.to(tl.int32, bitcast=True)
+    k_col = k_row
+    if STOCHASTIC:
+        index = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]
+        k_row = uniform_bits(key_row, index)
+        k_col = uniform_bits(key_col, index)
+    codes = encode_elements(v, k_row, 1, 1, False, STOCHASTIC, 3, 6.0, True, 0)
+    offs_b = pid_k * NBK + tl.arange(0, NBK)
+    scale_mask = in_g[:, None] & (offs_b < K // 16)[None, :]
+    if DO_ROW:
+        words = tl.sum(tl.reshape(codes, (NG, RPT, BK // 8, 8)) << (tl.arange(0, 8) * 4), axis=3)
+        offs_w = k0 // 8 + tl.arange(0, BK // 8)
+        tl.store(row_data_ptr + rows.to(tl.int64)[:, :, None] * (K // 8) + offs_w[None, None, :], words,
+                 mask=(rows < M)[:, :, None] & (offs_w < K // 8)[None, None, :])
+        store_scales(row_scale_ptr + (pid_m * NG + offs_g).to(tl.int64)[:, None] * (K // 16) + offs_b[None, :], sb,
+                     scale_mask, 1, False)
+    if DO_COL:
+        if STOCHASTIC:
+            codes = encode_elements(v, k_col, 1, 1, False, STOCHASTIC, 3, 6.0, True, 0)
+        words = pack_column_words(codes, 8, 4, RPT)                                     # [NG, BK, 2]
+        offs_cw = (m0 // 8 + offs_g * (RPT // 8))[:, None, None] + tl.arange(0, RPT // 8)[None, None, :]
+        tl.store(col_data_ptr + offs_k.to(tl.int64)[None, :, None] * (M // 8) + offs_cw, words,
+                 mask=in_g[:, None, None] & in_k[None, :, None])
+        store_scales(col_scale_ptr + offs_b.to(tl.int64)[None, :] * (M // 16) + (pid_m * NG + offs_g)[:, None], sb,
+                     scale_mask, 1, False)

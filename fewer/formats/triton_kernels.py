@@ -39,7 +39,7 @@ _SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 
 # on an H200 (v3 tile sweep), so wider vectors take the arithmetic path. False: arithmetic everywhere.
 HW_ELEMENT_CVT = True
 LAST_COMPILED = None     # the last launched compiled kernel (benchmarks read n_regs / n_spills off it)
-FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_double",
+FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double",
                  "mxfp4", "mxfp8", "mxfp8_e5m2")
 
 
@@ -83,6 +83,11 @@ def tensor_amax(x: torch.Tensor, block: int = 8192) -> torch.Tensor:
     partial = torch.empty(max(1, -(-n // block)), device=x.device, dtype=torch.float32)
     amax_kernel[(partial.numel(),)](flat, partial, n, BLOCK=block)
     return partial.amax()
+
+
+def _is_2d(spec: FormatSpec) -> bool:
+    """Square blocks shared by both operands (nvfp4_2d: 16x16)."""
+    return spec.block_shape[0] not in (None, 1)
 
 
 def _scale_kind(spec: FormatSpec) -> int:
@@ -200,7 +205,8 @@ def fused_quantize(x: torch.Tensor, spec: FormatSpec | str, *, rowwise: bool = T
         else:
             outer = None
         return QuantizedTensor(data=data, scale=scale, spec=spec, original_shape=x.shape, dim=dim,
-                               block=(1, block), outer_scale=outer, packed=element is E2M1)
+                               block=(block, block) if _is_2d(spec) else (1, block), outer_scale=outer,
+                               packed=element is E2M1)
 
     row = wrap(row_bufs, 1, M, K) if rowwise else None
     col = wrap(col_bufs, 0, K, M) if colwise else None
@@ -221,7 +227,7 @@ def _output_shapes(spec: FormatSpec, M: int, K: int, block: int, rowwise: bool, 
             out += [((0,), data_dtype), ((0,), scale_dtype), ((0,), torch.float32)]
             continue
         out.append(((rows, cols // 2 if element is E2M1 else cols), data_dtype))
-        out.append(((rows, cols // block), scale_dtype))
+        out.append(((rows // block if _is_2d(spec) else rows, cols // block), scale_dtype))
         out.append(((rows, cols // OUTER_BLOCK) if kind == 2 else (0,), torch.float32))
     out.append(((1,) if kind == 1 else (0,), torch.float32))
     return out
@@ -254,7 +260,7 @@ def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, str
                 INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
                 EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
                 SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
-                DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem,
+                DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem, BLOCK2D=_is_2d(spec),
                 num_warps=warps, num_stages=1)
     table = torch.empty(256, device=x.device, dtype=torch.float32) if kind == 1 else dummy   # 1/(s_b s2), see kernel
     kargs = (x, M, K, x.stride(0), *args[:6], args[6], table, key_row, key_col)

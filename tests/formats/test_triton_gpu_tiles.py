@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.skipif(not has_triton(), reason="triton is not install
 
 TILES = [(128, 64, 4, 4), (64, 64, 2, 4), (64, 128, 4, 4), (128, 128, 8, 4), (128, 64, 8, 2), (128, 128, 4, 8)]
 TILES_128 = [(128, 128, 8, 4), (128, 128, 16, 2), (128, 128, 4, 8), (256, 128, 16, 4)]
-FORMATS = ["int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_double", "mxfp4", "mxfp8",
+FORMATS = ["int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double", "mxfp4", "mxfp8",
            "mxfp8_e5m2"]
 
 

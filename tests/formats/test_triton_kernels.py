@@ -8,7 +8,7 @@ from fewer.formats import quantize, quantize_rowcol
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
-FORMATS = ["int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_double", "mxfp4", "mxfp8",
+FORMATS = ["int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double", "mxfp4", "mxfp8",
            "mxfp8_e5m2"]
 
 
@@ -164,6 +164,18 @@ def test_persistent_loop_over_tiles(name):
         row, col = fused_quantize(x, name, rounding=rounding, seed=seed, tile=tile, programs_per_sm=3)
         _assert_same(row, quantize(x, name, dim=1, rounding=rounding, seed=seed, stream=0))
         _assert_same(col, quantize(x, name, dim=0, rounding=rounding, seed=seed, stream=1))
+
+
+def test_nvfp4_2d_operands_are_transposes():
+    # 16x16 blocks serve both GEMM operands: with RTN the column-wise operand is the row-wise one transposed
+    from fewer.formats.triton_kernels import fused_quantize
+    x = _input(96, 160, seed=9)                             # masked tiles
+    row, col = fused_quantize(x, "nvfp4_2d", tile=(64, 64), programs_per_sm=2)
+    assert row.block == (16, 16) and row.scale.shape == (6, 10) and col.scale.shape == (10, 6)
+    assert torch.equal(row.scale.view(torch.uint8).T, col.scale.view(torch.uint8))
+    assert torch.equal(row.dequantize(), col.dequantize())
+    _assert_same(row, quantize(x, "nvfp4_2d", dim=1))
+    _assert_same(col, quantize(x, "nvfp4_2d", dim=0))
 
 
 def test_tile_and_vec_errors():

@@ -1,27 +1,31 @@
 """Sparse-Linear Attention on the GPU: correctness at moderate shapes, then speed vs SDPA flash/cuDNN.
 
-    PYTHONPATH=. python3 benchmarks/attention/bench_sla.py [--quick] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/attention/bench_sla.py [--quick] [--shapes wan2.1-1.3b,L8K] [--no-backward]
+    ncu --clock-control none --section SpeedOfLight --section LaunchStats --section Occupancy \
+        -k regex:_sla_ --launch-count 4 python3 benchmarks/attention/bench_sla.py --ncu-forward
 
 Every SLA time includes all overheads: block scoring (pooling + scores + top-k), the feature map,
-the totals H_tot/Z_tot, the fused kernel, the projection (and for fwd+bwd the whole backward).
-A breakdown at 95% sparsity (plan only, kernel only, kernel without the linear part) shows what
-limits the kernel. Writes benchmarks/results/<gpu>/attention_sla.csv (and _check, _breakdown).
+the totals H_tot/Z_tot, the kernels, the projection (and for fwd+bwd the whole backward); the
+forward is the inference call (no grad). A breakdown at 95% sparsity times each piece alone, a
+torch.profiler table gives each kernel's GPU time in one module forward, and every compiled kernel's
+registers / spills / shared memory are recorded. Writes benchmarks/results/<gpu>/attention_sla.csv
+(and _check, _tuning, _breakdown, _profile, _kernels); NOTES_sla.md beside this file reads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from fewer import bench
-from fewer.attention.sla import SLAConfig, SparseLinearAttention, plan_blocks, sla_parts
-from fewer.attention.sla.ops import MODE_NONE, linear_mode_for, sla_forward_op
-from fewer.attention.sla.reference import apply_feature_map, combine, sla_parts_reference
+from fewer.attention.sla import SLAConfig, SparseLinearAttention, plan_blocks
+from fewer.attention.sla.ops import (MODE_NONE, PHI_CODES, _kernel_inputs, linear_mode_for, linear_totals,
+                                     plan_blocks_kernel, sla_forward_op)
+from fewer.attention.sla.reference import apply_feature_map, sla_parts_reference
 from fewer.core import rel_l2
 
 SHAPES = [  # (name, B, H, L, D); the headline shape first, so a timeout keeps it
@@ -89,7 +93,11 @@ def check_correctness(rows: list, cases=CHECK_CASES, dev: str = "cuda") -> None:
 
         exact = reference(torch.float32)
         bf16 = reference(torch.bfloat16)
-        for name, g, e, r in zip(("out", "dq", "dk", "dv"), got, exact, bf16):
+        with torch.no_grad():  # the inference call: phi(Q) in the kernel, no parts saved
+            got.append(attn(q, k, v).float())
+        exact.append(exact[0])
+        bf16.append(bf16[0])
+        for name, g, e, r in zip(("out", "dq", "dk", "dv", "out_no_grad"), got, exact, bf16):
             err, base = rel_l2(g, e), rel_l2(r, e)
             rows.append(dict(shape=f"B{b} H{h} Lq{lq} Lk{lk} d{d}", variant=_variant(cfg), tensor=name,
                              kernel_rel_l2=err, bf16_torch_rel_l2=base, ratio=err / max(base, 1e-12),
@@ -124,6 +132,7 @@ def bench_speed(rows: list, breakdown: list, shapes, sparsities, with_backward: 
             for preset in ("paper", "official-sla1"):
                 cfg = SLAConfig.from_preset(preset, topk=round(1 - sparsity, 4), backend="triton")
                 attn = SparseLinearAttention(d, cfg).cuda()
+                torch.nn.init.normal_(attn.proj.weight, std=0.05)  # a trained-like proj, not zeros
                 with torch.no_grad():
                     t_f = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
                     out = attn(q, k, v).float()
@@ -145,80 +154,178 @@ def bench_speed(rows: list, breakdown: list, shapes, sparsities, with_backward: 
 
 
 def tune(rows: list) -> None:
-    """Sweep (num_warps, num_stages) of both kernels at the Wan2.1-1.3B shape, 95% (SLA-1 variant),
-    and keep the fastest for the rest of the run (the choice is recorded in the CSV)."""
+    """Sweep the forward's structure (one fused kernel, or sparse kernel + linear-part kernel) and
+    (num_warps, num_stages) at the Wan2.1-1.3B shape, 95% (SLA-1 variant), module forward without
+    grad; keep the fastest for the rest of the run (recorded in the CSV). The backward keeps 8w2s."""
     from fewer.attention.sla import triton as kernels
     torch.manual_seed(0)
     b, h, L, d = 1, 12, 32760, 128
-    q, k, v = (torch.randn(b, h, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn_like(q)
+    q, k, v = (torch.randn(b, h, L, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cfg = SLAConfig.from_preset("official-sla1", topk=0.05, backend="triton")
     attn = SparseLinearAttention(d, cfg).cuda()
-    for which in ("fwd", "bwd"):
-        best = None
-        for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
-            kernels.TUNING[(which, 64)] = (warps, stages)
-            try:
-                if which == "fwd":
-                    with torch.no_grad():
-                        ms = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
-                else:
-                    ms = bench.time_ms(_fwd_bwd(attn, q, k, v, grad))["median_ms"]
-            except Exception as exc:  # e.g. out of shared memory for a deep pipeline
-                print(f"tuning {which} {warps}w{stages}s failed: {exc}")
-                continue
-            rows.append(dict(kernel=which, num_warps=warps, num_stages=stages, module_ms=ms,
-                             measured=("fwd" if which == "fwd" else "fwd+bwd")))
-            if best is None or ms < best[0]:
-                best = (ms, warps, stages)
-        kernels.TUNING[(which, 64)] = best[1:]
-        print(f"tuning: {which} uses num_warps={best[1]}, num_stages={best[2]} ({best[0]:.3f} ms)")
-    del q, k, v, grad
+    torch.nn.init.normal_(attn.proj.weight, std=0.05)
+
+    def run(split, fwd, lin):
+        """fwd, lin: (num_warps, num_stages, key blocks per step); lin None: fused forward."""
+        kernels.SPLIT_FORWARD[64] = split
+        kernels.TUNING[("fwd", 64)] = fwd[:2]
+        kernels.PAIR_BLOCKS["fwd"] = fwd[2]
+        if lin is not None:
+            kernels.TUNING[("lin", 64)] = lin[:2]
+            kernels.PAIR_BLOCKS["lin"] = lin[2]
+        try:
+            with torch.no_grad():
+                ms = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
+        except Exception as exc:  # e.g. out of shared memory
+            print(f"tuning split={split} fwd={fwd} lin={lin} failed: {exc}")
+            return float("inf")
+        fwd_used = kernels.TUNING[("fwd", 64)] + (kernels.PAIR_BLOCKS["fwd"],)  # after any stage fallback
+        lin_used = kernels.TUNING[("lin", 64)] + (kernels.PAIR_BLOCKS["lin"],) if lin is not None else None
+        rows.append(dict(split=split, fwd_warps_stages_pair=str(fwd_used), lin_warps_stages_pair=str(lin_used),
+                         module_fwd_ms=ms))
+        return ms
+
+    # coordinate search over the split forward (the fused one and two key blocks per step lost in the
+    # v3 sweep, NOTES_sla.md): the softmax kernel, then the linear kernel, then the totals pass
+    results = []
+    lin0 = (4, 3, 1)
+    for fwd in ((4, 3, 1), (4, 2, 1)):
+        results.append((run(True, fwd, lin0), True, fwd, lin0))
+    best_fwd = min(results)[2]
+    for lin in ((4, 2, 1), (8, 2, 1), (4, 3, 2)):
+        results.append((run(True, best_fwd, lin), True, best_fwd, lin))
+    ms, split, fwd, lin = min(results, key=lambda r: r[0])
+    kernels.TUNING[("fwd", 64)], kernels.PAIR_BLOCKS["fwd"] = fwd[:2], fwd[2]
+    kernels.TUNING[("lin", 64)], kernels.PAIR_BLOCKS["lin"] = lin[:2], lin[2]
+    best_tot = None
+    for tot in ((8, 2), (8, 3), (4, 3)):
+        kernels.TUNING[("tot", 64)] = tot
+        kphi = torch.softmax(k.reshape(b * h, L, d), -1)
+        t_tot = bench.time_ms(lambda: kernels.sla_totals(kphi, v.reshape(b * h, L, d)))["median_ms"]
+        rows.append(dict(split="totals pass", fwd_warps_stages_pair=str(tot), lin_warps_stages_pair="",
+                         module_fwd_ms=t_tot))
+        if best_tot is None or t_tot < best_tot[0]:
+            best_tot = (t_tot, tot)
+    kernels.TUNING[("tot", 64)] = best_tot[1]
+    ms = run(split, fwd, lin)
+    print(f"tuning: split={split} fwd={fwd} lin={lin} totals={best_tot[1]} ({ms:.3f} ms)")
+    del q, k, v
     torch.cuda.empty_cache()
 
 
+def kernel_resources() -> list:
+    """Registers, spills and shared memory of every compiled SLA kernel variant (Triton's report)."""
+    from fewer.attention.sla import triton as kernels
+    rows = []
+    for fn in (kernels._sla_fwd_kernel, kernels._sla_fwd_linear_kernel, kernels._sla_totals_kernel,
+               kernels._sla_plan_kernel, kernels._sla_bwd_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for key, kern in cache[0].items():
+                    meta = kern.metadata
+                    consts = {k: v for k, v in getattr(meta, "constants", {}).items()
+                              if isinstance(k, str) and k.isupper()} if hasattr(meta, "constants") else {}
+                    rows.append(dict(kernel=fn.__name__, n_regs=kern.n_regs, n_spills=kern.n_spills,
+                                     shared_bytes=meta.shared, num_warps=meta.num_warps,
+                                     num_stages=meta.num_stages, key=str(consts or key)[:160]))
+        except Exception as exc:
+            rows.append(dict(kernel=fn.__name__, n_regs=-1, n_spills=-1, shared_bytes=-1, num_warps=-1,
+                             num_stages=-1, key=f"unavailable: {exc}"[:160]))
+    return rows
+
+
+def profile_forward(name: str, q, k, v, cfg) -> list:
+    """Per-kernel GPU time of one module forward (torch.profiler, 5 calls averaged)."""
+    from torch.profiler import ProfilerActivity, profile
+    d = q.shape[-1]
+    attn = SparseLinearAttention(d, cfg).cuda()
+    torch.nn.init.normal_(attn.proj.weight, std=0.05)
+    with torch.no_grad():
+        for _ in range(3):
+            attn(q, k, v)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                attn(q, k, v)
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if dev_us <= 0:
+            continue
+        rows.append(dict(shape=name, preset=cfg.linear_scope + f",kl={cfg.negligible}", kernel=evt.key[:90],
+                         calls_per_forward=evt.count / 5, ms_per_forward=dev_us / 5 / 1000))
+    rows.sort(key=lambda r: -r["ms_per_forward"])
+    return rows
+
+
 def _breakdown(name, q, k, v, cfg, preset):
-    """Where the forward time goes: plan (scoring + top-k), kernel with / without the linear part."""
+    """Where the forward time goes: each piece of the inference forward timed alone."""
+    from fewer.attention.sla import triton as kernels
     b, h, L, d = q.shape
     scale = 1 / math.sqrt(d)
+    split = kernels.SPLIT_FORWARD.get(cfg.block_q, False)
     with torch.no_grad():
-        t_plan = bench.time_ms(lambda: plan_blocks(q, k, cfg, scale))["median_ms"]
-        plan = plan_blocks(q, k, cfg, scale)
-        t_parts = bench.time_ms(lambda: sla_parts(q, k, v, cfg, scale, plan))["median_ms"]
+        t_plan_torch = bench.time_ms(lambda: plan_blocks(q, k, cfg, scale))["median_ms"]
+        t_plan = bench.time_ms(lambda: plan_blocks_kernel(q, k, cfg, scale))["median_ms"]
+        plan = plan_blocks_kernel(q, k, cfg, scale)
         mode = linear_mode_for(plan, cfg)
-        qc, kc, vc = (t.reshape(b * h, L, d).contiguous() for t in (q, k, v))
-        qphi = apply_feature_map(qc, cfg.feature_map)
-        kphi = apply_feature_map(kc, cfg.feature_map)
-        htot = kphi.float().transpose(-2, -1) @ vc.float()
-        ztot = kphi.float().sum(-2)
-        lut_c = plan.critical.reshape(b * h, plan.critical.shape[2], -1)
-        lut_l = plan.negligible.reshape(b * h, plan.critical.shape[2], -1)
-        t_kernel = bench.time_ms(lambda: sla_forward_op(qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l, mode,
-                                                        scale, cfg.linear_eps, cfg.block_q, cfg.block_k))["median_ms"]
-        t_sparse = bench.time_ms(lambda: sla_forward_op(qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l[..., :0],
-                                                        MODE_NONE, scale, cfg.linear_eps, cfg.block_q,
-                                                        cfg.block_k))["median_ms"]
-        t_phi = bench.time_ms(lambda: (apply_feature_map(qc, cfg.feature_map),
-                                       apply_feature_map(kc, cfg.feature_map)))["median_ms"]
-        o_s, o_l, _ = sla_parts(q, k, v, cfg, scale, plan)
-        proj = torch.nn.Linear(d, d).to(q.device)
-        t_combine = bench.time_ms(lambda: combine(o_s, o_l, proj.weight, proj.bias, q.dtype))["median_ms"]
+        qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l = _kernel_inputs(q, k, v, cfg, plan, mode)
+        t_phi_k = bench.time_ms(lambda: apply_feature_map(kc, cfg.feature_map))["median_ms"]
+        t_totals = bench.time_ms(lambda: linear_totals(kphi, vc))["median_ms"]
+        wpt = torch.randn(d, d, device=q.device) * 0.05
+        bp = torch.zeros(d, device=q.device)
+        dummy = torch.zeros(1, device=q.device, dtype=q.dtype)
+        phi_q = PHI_CODES[cfg.feature_map]
+
+        def kernels_call(mode_, split_, lut_l_):
+            return sla_forward_op(qc, kc, vc, dummy, kphi, htot, ztot, lut_c, lut_l_, wpt, bp, mode_, scale,
+                                  cfg.linear_eps, cfg.block_q, cfg.block_k, True, False, split_, phi_q)
+        t_kernels = bench.time_ms(lambda: kernels_call(mode, split, lut_l))["median_ms"]
+        t_fused = bench.time_ms(lambda: kernels_call(mode, False, lut_l))["median_ms"]
+        t_split = bench.time_ms(lambda: kernels_call(mode, True, lut_l))["median_ms"]
+        t_sparse = bench.time_ms(lambda: kernels_call(MODE_NONE, False, lut_l[..., :0]))["median_ms"]
+        attn = SparseLinearAttention(d, cfg).to(q.device)
+        torch.nn.init.normal_(attn.proj.weight, std=0.05)
+        t_module = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
     n_c, n_n = plan.num_critical, plan.num_negligible
     flops_sparse = 4.0 * b * h * L * d * n_c * cfg.block_k
-    return [dict(shape=name, variant=preset, sparsity=0.95, n_critical=n_c, n_negligible=n_n, linear_mode=mode,
-                 plan_ms=t_plan, feature_map_ms=t_phi, combine_ms=t_combine, fused_kernel_ms=t_kernel, sparse_only_kernel_ms=t_sparse,
-                 parts_total_ms=t_parts, sparse_kernel_tflops=bench.tflops(flops_sparse, t_sparse))]
+    n_lin = n_c + n_n if mode == 1 else plan.num_marginal
+    flops_linear = 4.0 * b * h * L * d * n_lin * cfg.block_k
+    return [dict(shape=name, variant=preset, sparsity=round(1 - cfg.topk, 4), n_critical=n_c, n_negligible=n_n,
+                 linear_mode=mode, split=split, plan_torch_topk_ms=t_plan_torch, plan_ms=t_plan, phi_k_ms=t_phi_k,
+                 totals_ms=t_totals, kernels_ms=t_kernels, fused_kernel_ms=t_fused, split_kernels_ms=t_split,
+                 sparse_only_kernel_ms=t_sparse, linear_kernel_ms_inferred=t_split - t_sparse,
+                 module_fwd_ms=t_module, sparse_kernel_tflops=bench.tflops(flops_sparse, t_sparse),
+                 linear_kernel_tflops=bench.tflops(flops_linear, max(t_split - t_sparse, 1e-6)))]
+
+
+def ncu_forward() -> None:
+    """One inference forward per preset at the Wan2.1-1.3B shape, 95% (run under ncu with -k regex:_sla)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for preset in ("official-sla1", "paper"):
+        attn = SparseLinearAttention(128, SLAConfig.from_preset(preset, topk=0.05, backend="triton")).cuda()
+        torch.nn.init.normal_(attn.proj.weight, std=0.05)
+        with torch.no_grad():
+            attn(q, k, v)
+        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the Wan2.1-1.3B shape at 95%% only")
+    parser.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--ncu-forward", action="store_true", help="only one forward per preset (for ncu)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_sla needs a CUDA GPU", file=sys.stderr)
         return 1
+    if args.ncu_forward:
+        ncu_forward()
+        return 0
     env = bench.environment()
     print(env)
     check_rows: list = []
@@ -233,10 +340,34 @@ def main(argv=None) -> int:
     rows: list = []
     breakdown: list = []
     shapes = [s for s in SHAPES if s[0] == "wan2.1-1.3b"] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [s for s in SHAPES if s[0] in args.shapes.split(",")]
     sparsities = (0.95,) if args.quick else SPARSITIES
-    bench_speed(rows, breakdown, shapes, sparsities, not args.no_backward)
+    # the headline shape, its profile and the kernels' resources first, so a timeout keeps them
+    bench_speed(rows, breakdown, shapes[:1], sparsities, not args.no_backward)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    prof = []
+    for preset in ("official-sla1", "paper"):
+        prof += profile_forward("wan2.1-1.3b", q, k, v, SLAConfig.from_preset(preset, topk=0.05, backend="triton"))
+    del q, k, v
+    print("csv:", bench.write_csv(prof, "attention", "sla_profile"))
+    res = kernel_resources()
+    print("csv:", bench.write_csv(res, "attention", "sla_kernels"))
+    bench_speed(rows, breakdown, shapes[1:], sparsities, not args.no_backward)
     print("csv:", bench.write_csv(rows, "attention", "sla"))
     print("csv:", bench.write_csv(breakdown, "attention", "sla_breakdown"))
+    seen = set()
+    res_short = []
+    for r in res:
+        row = {c: r[c] for c in ("kernel", "n_regs", "n_spills", "shared_bytes", "num_warps", "num_stages")}
+        if tuple(row.values()) not in seen:
+            seen.add(tuple(row.values()))
+            res_short.append(row)
+    bench.print_table(res_short)
+    for preset in sorted({r["preset"] for r in prof}):
+        bench.print_table([{c: r[c][:60] if c == "kernel" else r[c] for c in ("preset", "kernel", "ms_per_forward")}
+                           for r in prof if r["preset"] == preset][:8])
     bench.print_table(breakdown)
     cols = ("shape", "method", "sparsity", "density", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_vs_cudnn",
             "speedup_fwd_vs_flash", "speedup_fwdbwd_vs_cudnn", "rel_l2_vs_dense")

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SLAConfig
-from .ops import sla_parts
-from .reference import BlockPlan, combine, density
+from .ops import sla_attention
+from .reference import BlockPlan, density
 
 
 class SparseLinearAttention(nn.Module):
@@ -51,19 +51,18 @@ class SparseLinearAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"SparseLinearAttention was built for head_dim {self.head_dim}, got {q.shape[-1]}")
-        out_sparse, out_linear, plan = sla_parts(q, k, v, self.config, scale)
+        out, plan = sla_attention(q, k, v, self.config, self.proj.weight, self.proj.bias, scale)
         self.last_plan, self._last_lengths = plan, (q.shape[-2], k.shape[-2])
-        return combine(out_sparse, out_linear, self.proj.weight, self.proj.bias, q.dtype)
+        return out
 
 
 def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SLAConfig | None = None,
                             proj: nn.Linear | None = None, scale: float | None = None) -> torch.Tensor:
     """Functional SLA; without ``proj`` the linear branch's projection is the zero map (O = O_s)."""
     cfg = config or SLAConfig()
-    out_sparse, out_linear, _ = sla_parts(q, k, v, cfg, scale)
     if proj is None:
-        return out_sparse.to(q.dtype)
-    return combine(out_sparse, out_linear, proj.weight, proj.bias, q.dtype)
+        return sla_attention(q, k, v, cfg, None, None, scale)[0]
+    return sla_attention(q, k, v, cfg, proj.weight, proj.bias, scale)[0]
 
 
 # ---------------------------------------------------------------------------------------------

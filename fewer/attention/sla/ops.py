@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ...core import BackendUnavailable, Capability, can_run_triton, resolve_backend
 from .config import SLAConfig
-from .reference import BlockPlan, MARGINAL, apply_feature_map, plan_blocks, sla_parts_reference
+from .reference import (BlockPlan, MARGINAL, _pooled_scores, apply_feature_map, combine, plan_blocks,
+                        sla_parts_reference)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL_HEAD_DIM = 256
@@ -37,18 +38,29 @@ def _dummy(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("fewer::sla_forward", mutates_args=())
 def sla_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qphi: torch.Tensor, kphi: torch.Tensor,
                    htot: torch.Tensor, ztot: torch.Tensor, lut_c: torch.Tensor, lut_l: torch.Tensor,
-                   linear_mode: int, scale: float, eps: float, block_q: int, block_k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[BH, L, D] inputs -> (o_s, lse2, o_l, den); see triton.sla_forward."""
-    return _kernels().sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps,
-                                  block_q, block_k)
+                   wpt: torch.Tensor, bp: torch.Tensor, linear_mode: int, scale: float, eps: float, block_q: int,
+                   block_k: int, fuse_proj: bool, save: bool, split: bool, phi_q: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[BH, L, D] inputs -> (out, o_s, lse2, o_l, den); see triton.sla_forward."""
+    out, o_s, lse, o_l, den = _kernels().sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp,
+                                                     linear_mode, scale, eps, block_q, block_k, fuse_proj,
+                                                     save, split, phi_q)
+    return out, o_s, lse, o_l, den
 
 
 @sla_forward_op.register_fake
-def _(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps, block_q, block_k):
+def _(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode, scale, eps, block_q, block_k,
+      fuse_proj, save, split, phi_q=0):
     bh, lq, d = q.shape
-    return (torch.empty_like(q), q.new_empty(bh, lq, dtype=torch.float32),
-            q.new_empty(bh, lq, d, dtype=torch.float32), q.new_empty(bh, lq, dtype=torch.float32))
+    fuse_proj = fuse_proj and linear_mode != MODE_NONE
+    parts = save or not fuse_proj
+    lin = parts and linear_mode != MODE_NONE
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(q) if fuse_proj else q.new_empty(0),
+            torch.empty_like(q) if parts else q.new_empty(0),
+            q.new_empty(bh, lq, **f32),
+            q.new_empty(bh, lq, d, **f32) if lin else q.new_empty(0, **f32),
+            q.new_empty(bh, lq, **f32) if lin else q.new_empty(0, **f32))
 
 
 @torch.library.custom_op("fewer::sla_backward", mutates_args=())
@@ -69,15 +81,32 @@ def _(q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, lut_l, linear_mode,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode, scale, eps, block_q, block_k = inputs
-    o_s, lse, o_l, den = output
-    ctx.save_for_backward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, o_s, lse, o_l, den)
-    ctx.params = (linear_mode, scale, block_q, block_k)
+    (q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode, scale, eps, block_q, block_k,
+     fuse_proj, save, split, phi_q) = inputs
+    if phi_q and (save or not fuse_proj):
+        raise RuntimeError("fewer::sla_forward: phi_q (phi(Q) inside the kernel) is for the inference call "
+                           "only; pass qphi when the parts are saved for the backward")
+    _out, o_s, lse, o_l, den = output
+    ctx.save_for_backward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, o_s, lse, o_l, den)
+    ctx.params = (linear_mode, scale, block_q, block_k, fuse_proj and linear_mode != MODE_NONE, save)
 
 
-def _backward(ctx, do_s, _dlse, do_l, _dden):
-    q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, o_s, lse, o_l, den = ctx.saved_tensors
-    linear_mode, scale, block_q, block_k = ctx.params
+def _backward(ctx, d_out, do_s, _dlse, do_l, _dden):
+    q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, o_s, lse, o_l, den = ctx.saved_tensors
+    linear_mode, scale, block_q, block_k, fused, save = ctx.params
+    dwpt = dbp = None
+    if fused:
+        if not save:
+            raise RuntimeError("fewer::sla_forward ran with fuse_proj=True, save=False (inference), so it kept "
+                               "no parts for the backward; call it with save=True when gradients are needed")
+        if d_out is not None:
+            # out = O_s + O_l @ Wp^T + b: O_s and O_l receive d_out (through Wp), Wp^T and b their sums
+            d_out32 = d_out.float()
+            do_s = d_out if do_s is None else do_s + d_out
+            extra = d_out32 @ wpt.transpose(0, 1)
+            do_l = extra if do_l is None else do_l.float() + extra
+            dwpt = o_l.reshape(-1, o_l.shape[-1]).transpose(0, 1) @ d_out32.reshape(-1, d_out32.shape[-1])
+            dbp = d_out32.reshape(-1, d_out32.shape[-1]).sum(0)
     if do_s is None:
         do_s = torch.zeros_like(o_s)
     delta = (do_s.float() * o_s.float()).sum(-1)
@@ -86,8 +115,8 @@ def _backward(ctx, do_s, _dlse, do_l, _dden):
         dn32 = do_l / den.unsqueeze(-1)
         ddn = -(do_l * o_l).sum(-1) / den
     else:
-        dn32 = torch.zeros_like(o_l)
-        ddn = torch.zeros_like(den)
+        dn32 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        ddn = torch.zeros(q.shape[:-1], device=q.device, dtype=torch.float32)
     dq, dk, dv, dqphi, dkphi = sla_backward_op(q, k, v, qphi, kphi, do_s.contiguous(), lse, delta,
                                                dn32.to(q.dtype).contiguous(), ddn.contiguous(), lut_c, lut_l,
                                                linear_mode, scale, block_q, block_k)
@@ -103,10 +132,49 @@ def _backward(ctx, do_s, _dlse, do_l, _dden):
     else:
         dqphi, dkphi = dqphi.to(qphi.dtype), dkphi.to(kphi.dtype)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dqphi, dkphi, dhtot, dztot,
-            None, None, None, None, None, None, None)
+            None, None, dwpt, dbp, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fewer::sla_forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fewer::sla_totals", mutates_args=())
+def sla_totals_op(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_tot = phi(K)^T V [BH, D, D], Z_tot = sum_t phi(K_t) [BH, D], fp32 (one Triton pass)."""
+    return _kernels().sla_totals(kphi, v)
+
+
+@sla_totals_op.register_fake
+def _(kphi, v):
+    bh, _, d = kphi.shape
+    return kphi.new_empty(bh, d, d, dtype=torch.float32), kphi.new_empty(bh, d, dtype=torch.float32)
+
+
+def _totals_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _totals_backward(ctx, dhtot, dztot):
+    kphi, v = ctx.saved_tensors
+    dkphi = torch.zeros(kphi.shape, device=kphi.device, dtype=torch.float32)
+    dv = None
+    if dhtot is not None:
+        dkphi = dkphi + v.float() @ dhtot.transpose(-2, -1)
+        dv = (kphi.float() @ dhtot).to(v.dtype)
+    if dztot is not None:
+        dkphi = dkphi + dztot.unsqueeze(-2)
+    return dkphi.to(kphi.dtype), dv
+
+
+torch.library.register_autograd("fewer::sla_totals", _totals_backward, setup_context=_totals_setup)
+
+
+def linear_totals(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_tot, Z_tot) in fp32: the Triton pass for head dims it takes, else PyTorch in fp32."""
+    if kphi.shape[-1] <= _kernels().MAX_TOTALS_HEAD_DIM:
+        return sla_totals_op(kphi, v)
+    kphi32 = kphi.float()
+    return kphi32.transpose(-2, -1) @ v.float(), kphi32.sum(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,22 +258,13 @@ def _linear_all(qphi32: torch.Tensor, kphi32: torch.Tensor, v: torch.Tensor, eps
     return num / (den + eps)
 
 
-def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
-              plan: BlockPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, BlockPlan]:
-    """(O_s in q's dtype, O_l in fp32, plan) through the backend ``cfg.backend`` resolves to."""
-    check_inputs(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = resolve(q, cfg)
-    if plan is None:
-        plan = plan_blocks(q, k, cfg, scale)
-    if backend == "reference":
-        o_s, o_l = sla_parts_reference(q, k, v, cfg, scale, plan,
-                                       compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        return o_s.to(q.dtype), o_l, plan
+PHI_CODES = {"softmax": 1, "elu": 2, "relu": 3}
 
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    mode = linear_mode_for(plan, cfg)
+
+def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_kernel: bool = False):
+    """The fused kernels' [BH, L, D] operands, LUTs, feature maps and totals for one call
+    (``phi_in_kernel``: phi(Q) is left to the kernel, qphi is a dummy)."""
+    b, h, _, d = q.shape
     qc, kc, vc = (t.reshape(b * h, -1, d).contiguous() for t in (q, k, v))
     mq = plan.critical.shape[2]
     lut_c = plan.critical.reshape(b * h, mq, -1).contiguous()
@@ -216,18 +275,55 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig,
     else:
         # phi in q's dtype in one pass (torch's half softmax accumulates in fp32); the totals use
         # the same rounded values, so subtracting a block cancels its share up to accumulation order
-        qphi = _feature_map_lowp(qc, cfg.feature_map)
+        qphi = _dummy(q, q.dtype) if phi_in_kernel else _feature_map_lowp(qc, cfg.feature_map)
         kphi = _feature_map_lowp(kc, cfg.feature_map)
         if mode == MODE_SUBTRACT:
             lut_l = plan.negligible.reshape(b * h, mq, -1).contiguous()
-            kphi_r = kphi.float()
-            htot = kphi_r.transpose(-2, -1) @ vc.float()
-            ztot = kphi_r.sum(-2)
+            htot, ztot = linear_totals(kphi, vc)
         else:
             lut_l = _marginal_lut(plan).reshape(b * h, mq, -1).contiguous()
             htot = ztot = _dummy(q, torch.float32)
-    o_s, _lse, o_l, _den = sla_forward_op(qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l, mode, scale,
-                                          cfg.linear_eps, cfg.block_q, cfg.block_k)
+    return qc, kc, vc, qphi, kphi, htot, ztot, lut_c, lut_l
+
+
+def _split_forward(block_q: int) -> bool:
+    return _kernels().SPLIT_FORWARD.get(block_q, False)
+
+
+@torch.no_grad()
+def plan_blocks_kernel(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None = None) -> BlockPlan:
+    """``plan_blocks`` (its twin and oracle) with the top-k/bottom-k selection and the class map in
+    one Triton pass (a sort per row) instead of torch.topk + scatter: the same plan up to ties."""
+    scores = _pooled_scores(q, k, cfg, scale)
+    n_crit, n_neg = cfg.block_counts(scores.shape[-1])
+    return BlockPlan(*_kernels().sla_plan(scores, n_crit, n_neg))
+
+
+def _plan(q, k, cfg: SLAConfig, scale: float, backend: str) -> BlockPlan:
+    if backend == "triton" and k.shape[-2] <= cfg.block_k * _kernels().MAX_PLAN_KEY_BLOCKS:
+        return plan_blocks_kernel(q, k, cfg, scale)
+    return plan_blocks(q, k, cfg, scale)
+
+
+def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
+              plan: BlockPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, BlockPlan]:
+    """(O_s in q's dtype, O_l in fp32, plan) through the backend ``cfg.backend`` resolves to."""
+    check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = resolve(q, cfg)
+    if plan is None:
+        plan = _plan(q, k, cfg, scale, backend)
+    if backend == "reference":
+        o_s, o_l = sla_parts_reference(q, k, v, cfg, scale, plan,
+                                       compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return o_s.to(q.dtype), o_l, plan
+
+    b, h, lq, d = q.shape
+    mode = linear_mode_for(plan, cfg)
+    args = _kernel_inputs(q, k, v, cfg, plan, mode)
+    none32 = _dummy(q, torch.float32)
+    _out, o_s, _lse, o_l, _den = sla_forward_op(*args, none32, none32, mode, scale, cfg.linear_eps, cfg.block_q,
+                                                cfg.block_k, False, True, _split_forward(cfg.block_q))
     o_s = o_s.reshape(b, h, lq, d)
     if cfg.linear_scope == "all":
         o_l = _linear_all(apply_feature_map(q.float(), cfg.feature_map), apply_feature_map(k.float(), cfg.feature_map),
@@ -237,3 +333,34 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig,
     else:
         o_l = o_l.reshape(b, h, lq, d)
     return o_s, o_l, plan
+
+
+def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig,
+                  proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None, scale: float | None = None,
+                  plan: BlockPlan | None = None) -> tuple[torch.Tensor, BlockPlan]:
+    """(O = O_s + proj(O_l) in q's dtype, plan). Where the kernels run and the linear part is in
+    them, the projection is applied in the kernel's epilogue (no fp32 O_l round trip); the parts
+    the backward needs are written only when autograd will ask for them."""
+    check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = resolve(q, cfg)
+    if plan is None:
+        plan = _plan(q, k, cfg, scale, backend)
+    mode = linear_mode_for(plan, cfg)
+    fusable = (proj_weight is not None and mode != MODE_NONE and backend == "triton"
+               and proj_weight.shape == (q.shape[-1], q.shape[-1]) and proj_weight.dtype == torch.float32
+               and proj_weight.device == q.device)
+    if not fusable:
+        out_sparse, out_linear, plan = sla_parts(q, k, v, cfg, scale, plan)
+        return combine(out_sparse, out_linear, proj_weight, proj_bias, q.dtype), plan
+    b, h, lq, d = q.shape
+    bias = proj_bias if proj_bias is not None else torch.zeros(d, device=q.device, dtype=torch.float32)
+    tensors = (q, k, v, proj_weight, bias)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # inference: phi(Q) inside the kernel (one pass over Q fewer); training keeps it an autograd op
+    phi_q = 0 if save else PHI_CODES[cfg.feature_map]
+    args = _kernel_inputs(q, k, v, cfg, plan, mode, phi_in_kernel=phi_q != 0)
+    out, *_ = sla_forward_op(*args, proj_weight.t().contiguous(), bias.float().contiguous(), mode, scale,
+                             cfg.linear_eps, cfg.block_q, cfg.block_k, True, save, _split_forward(cfg.block_q),
+                             phi_q)
+    return out.reshape(b, h, lq, d), plan

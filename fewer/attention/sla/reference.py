@@ -56,8 +56,13 @@ def _pooled_scores(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: floa
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     pq, pk = pool_blocks(q, cfg.block_q), pool_blocks(k, cfg.block_k)
     if cfg.smooth_k:
-        # pool(K - mean_t K) = pool(K) - mean_t K, so the centred K is never materialised
-        pk = pk - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+        # pool(K - mean_t K) = pool(K) - mean_t K, so the centred K is never materialised; the token
+        # mean is the block means weighted by block sizes (no second pass over K). Python-scalar
+        # weights only: writing a scalar into a device tensor would be a blocking host copy.
+        lk = k.shape[-2]
+        last = lk - cfg.block_k * (pk.shape[-2] - 1)
+        token_sum = pk[..., :-1, :].sum(dim=-2, keepdim=True) * cfg.block_k + pk[..., -1:, :] * last
+        pk = pk - token_sum / lk
     return pq @ pk.transpose(-2, -1) * scale
 
 

@@ -19,8 +19,6 @@ Triton is imported lazily by the launchers' callers (ops.py); importing this mod
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -40,11 +38,48 @@ def _dot(a, b, PREC: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _fwd_critical_step(j, q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_n, offs_d, mask_d,
-                       Lk, D, qk_scale, BLOCK_N: tl.constexpr, LINEAR_MODE: tl.constexpr, PREC: tl.constexpr,
-                       INTERPRET: tl.constexpr):
-    offs_k = j * BLOCK_N + offs_n
-    mask_k = offs_k < Lk
+def _dot_acc(a, b, acc, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b, accumulated in place (the accumulator's registers hold the result)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _feature_map_tile(x, mask_d, PHI: tl.constexpr):
+    """phi over the head dim of a [M, BLOCK_D] tile in fp32 (PHI 1 softmax, 2 elu+1, 3 relu); padded
+    head-dim columns give 0. The inference forward computes phi(Q) here instead of reading it."""
+    xf = x.to(tl.float32)
+    if PHI == 1:
+        xm = tl.where(mask_d[None, :], xf, float("-inf"))
+        e = tl.exp(xm - tl.max(xm, 1)[:, None])
+        y = e / tl.sum(e, 1)[:, None]
+    elif PHI == 2:
+        y = tl.where(xf > 0, xf + 1.0, tl.exp(xf))
+    else:
+        y = tl.maximum(xf, 0.0)
+    return tl.where(mask_d[None, :], y, 0.0)
+
+
+@triton.jit
+def _key_rows(LUT, t, N, offs_n, Lk, BLOCK_N: tl.constexpr, PAIR: tl.constexpr):
+    """Token rows (and their validity) of the key blocks LUT[t] (PAIR 1) or LUT[t], LUT[t+1] (PAIR 2:
+    one tile of 2*BLOCK_N rows, so each matmul has twice the width; a missing second block is masked)."""
+    if PAIR == 1:
+        offs_k = tl.load(LUT + t) * BLOCK_N + offs_n
+        return offs_k, offs_k < Lk
+    else:
+        j0 = tl.load(LUT + t)
+        j1 = tl.load(LUT + t + 1, mask=t + 1 < N, other=-1)
+        second = offs_n >= BLOCK_N
+        jj = tl.where(second, j1, j0)
+        offs_k = jj * BLOCK_N + tl.where(second, offs_n - BLOCK_N, offs_n)
+        return offs_k, (offs_k < Lk) & (jj >= 0)
+
+
+@triton.jit
+def _fwd_critical_step(offs_k, mask_k, q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_d, mask_d,
+                       D, qk_scale, LINEAR_MODE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     kv_off = k_base + offs_k[:, None] * D + offs_d[None, :]
     kv_mask = mask_k[:, None] & mask_d[None, :]
     k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
@@ -66,11 +101,10 @@ def _fwd_critical_step(j, q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_ba
 
 
 @triton.jit
-def _fwd_linear_step(j, qphi, acc_l, den_l, V, KPHI, k_base, offs_n, offs_d, mask_d, Lk, D,
-                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    offs_k = j * BLOCK_N + offs_n
+def _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d, D,
+                     PREC: tl.constexpr, INTERPRET: tl.constexpr):
     kv_off = k_base + offs_k[:, None] * D + offs_d[None, :]
-    kv_mask = (offs_k < Lk)[:, None] & mask_d[None, :]
+    kv_mask = mask_k[:, None] & mask_d[None, :]
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     kphi = tl.load(KPHI + kv_off, mask=kv_mask, other=0.0)
     w = _dot(qphi, tl.trans(kphi), PREC, INTERPRET)
@@ -80,14 +114,14 @@ def _fwd_linear_step(j, qphi, acc_l, den_l, V, KPHI, k_base, offs_n, offs_d, mas
 
 
 @triton.jit
-def _sla_fwd_kernel(Q, K, V, QPHI, KPHI, HTOT, ZTOT, LUT_C, LUT_L, OS, LSE, OL, DEN,
+def _sla_fwd_kernel(Q, K, V, QPHI, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, OUT, OS, LSE, OL, DEN,
                     Lq, Lk, D, Mq, NC, NL, qk_scale, eps,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    LINEAR_MODE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                    LINEAR_MODE: tl.constexpr, FUSE_PROJ: tl.constexpr, SAVE: tl.constexpr, PHI_Q: tl.constexpr,
+                    PAIR: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
     mask_d = offs_d < D
@@ -102,55 +136,204 @@ def _sla_fwd_kernel(Q, K, V, QPHI, KPHI, HTOT, ZTOT, LUT_C, LUT_L, OS, LSE, OL, 
     acc_l = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den_l = tl.zeros([BLOCK_M], tl.float32)
     if LINEAR_MODE != 0:
-        qphi = tl.load(QPHI + q_off, mask=q_mask, other=0.0)
+        if PHI_Q == 0:
+            qphi = tl.load(QPHI + q_off, mask=q_mask, other=0.0)
+        else:
+            qphi = _feature_map_tile(q, mask_d, PHI_Q).to(q.dtype)
     else:
         qphi = q
 
     lut_c = LUT_C + (bh * Mq + pid_m) * NC
     lut_l = LUT_L + (bh * Mq + pid_m) * NL
+    offs_p = tl.arange(0, BLOCK_N * PAIR)
     if INTERPRET:
         # the interpreter (numpy >= 2.4) cannot take a runtime bound in range(); compiled code
         # keeps the for loops, which Triton software-pipelines
         t = 0
         while t < NC:
+            offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
             m_i, l_i, acc, acc_l, den_l = _fwd_critical_step(
-                tl.load(lut_c + t), q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_n, offs_d,
-                mask_d, Lk, D, qk_scale, BLOCK_N, LINEAR_MODE, PREC, INTERPRET)
-            t += 1
+                offs_k, mask_k, q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_d, mask_d, D,
+                qk_scale, LINEAR_MODE, PREC, INTERPRET)
+            t += PAIR
         if LINEAR_MODE != 0:
             t = 0
             while t < NL:
-                acc_l, den_l = _fwd_linear_step(tl.load(lut_l + t), qphi, acc_l, den_l, V, KPHI, k_base, offs_n,
-                                                offs_d, mask_d, Lk, D, BLOCK_N, PREC, INTERPRET)
-                t += 1
+                offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
+                acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                                D, PREC, INTERPRET)
+                t += PAIR
     else:
-        for t in range(NC):
+        for t in range(0, NC, PAIR):
+            offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
             m_i, l_i, acc, acc_l, den_l = _fwd_critical_step(
-                tl.load(lut_c + t), q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_n, offs_d,
-                mask_d, Lk, D, qk_scale, BLOCK_N, LINEAR_MODE, PREC, INTERPRET)
+                offs_k, mask_k, q, qphi, m_i, l_i, acc, acc_l, den_l, K, V, KPHI, k_base, offs_d, mask_d, D,
+                qk_scale, LINEAR_MODE, PREC, INTERPRET)
         if LINEAR_MODE != 0:
-            for t in range(NL):
-                acc_l, den_l = _fwd_linear_step(tl.load(lut_l + t), qphi, acc_l, den_l, V, KPHI, k_base, offs_n,
-                                                offs_d, mask_d, Lk, D, BLOCK_N, PREC, INTERPRET)
+            for t in range(0, NL, PAIR):
+                offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
+                acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                                D, PREC, INTERPRET)
 
-    out = acc / l_i[:, None]
-    tl.store(OS + q_off, out.to(OS.dtype.element_ty), mask=q_mask)
+    o_s = acc / l_i[:, None]
     tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    if LINEAR_MODE == 0:
+        tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
+    else:
+        _linear_epilogue(o_s, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
+                         mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, SAVE, SAVE, False, HILO, PREC,
+                         INTERPRET)
 
-    if LINEAR_MODE != 0:
-        if LINEAR_MODE == 1:
-            h_off = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
-            htot = tl.load(HTOT + h_off, mask=mask_d[:, None] & mask_d[None, :], other=0.0)
-            ztot = tl.load(ZTOT + bh * D + offs_d, mask=mask_d, other=0.0)
-            qphi_f = qphi.to(tl.float32)
-            num = _dot(qphi_f, htot, PREC, INTERPRET) - acc_l
-            den = tl.sum(qphi_f * ztot[None, :], 1) - den_l
+
+@triton.jit
+def _linear_epilogue(o_s, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
+                     mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE: tl.constexpr, FUSE_PROJ: tl.constexpr,
+                     WRITE_OS: tl.constexpr, WRITE_PARTS: tl.constexpr, LOAD_OS: tl.constexpr, HILO: tl.constexpr,
+                     PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """O_l = num / den from the in-kernel sums (subtracted from the totals in mode 1); with FUSE_PROJ
+    writes OUT = O_s + O_l @ Wp^T + b (fp32 until the one rounding); WRITE_OS / WRITE_PARTS write
+    O_s / (O_l, den), the parts the backward needs; LOAD_OS reads O_s (split forward) just before use.
+
+    Register use is kept low (no fp32 copy of phi(Q)): with HILO, H_tot arrives as two bf16 matrices
+    hi + lo (~16 significant bits, finer than tf32) multiplied with the bf16 phi(Q) tile already in
+    registers, accumulated in place onto -acc_l; the projection accumulates onto O_s in place."""
+    if LINEAR_MODE == 1:
+        ztot = tl.load(ZTOT + bh * D + offs_d, mask=mask_d, other=0.0)
+        den = tl.sum(qphi.to(tl.float32) * ztot[None, :], 1) - den_l
+        h_mask = mask_d[:, None] & mask_d[None, :]
+        if HILO:
+            h_off = bh * 2 * D * D + offs_d[:, None] * D + offs_d[None, :]
+            h_hi = tl.load(HTOT + h_off, mask=h_mask, other=0.0)
+            num = _dot_acc(qphi, h_hi, -acc_l, PREC, INTERPRET)
+            h_lo = tl.load(HTOT + D * D + h_off, mask=h_mask, other=0.0)
+            num = _dot_acc(qphi, h_lo, num, PREC, INTERPRET)
         else:
-            num = acc_l
-            den = den_l
-        den = den + eps
-        tl.store(OL + q_off, num / den[:, None], mask=q_mask)
+            h_off = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+            htot = tl.load(HTOT + h_off, mask=h_mask, other=0.0)
+            num = _dot_acc(qphi.to(tl.float32), htot, -acc_l, PREC, INTERPRET)
+    else:
+        num = acc_l
+        den = den_l
+    den = den + eps
+    o_l = num / den[:, None]
+    if WRITE_PARTS:
+        tl.store(OL + q_off, o_l, mask=q_mask)
         tl.store(DEN + bh * Lq + offs_m, den, mask=mask_m)
+    if FUSE_PROJ:
+        w_off = offs_d[:, None] * D + offs_d[None, :]
+        wpt = tl.load(WPT + w_off, mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+        bias = tl.load(BP + offs_d, mask=mask_d, other=0.0)
+        if LOAD_OS:
+            o_s = tl.load(OS + q_off, mask=q_mask, other=0.0).to(tl.float32)
+        if WRITE_OS:
+            tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
+        out = _dot_acc(o_l, wpt, o_s, PREC, INTERPRET) + bias[None, :]
+        tl.store(OUT + q_off, out.to(OUT.dtype.element_ty), mask=q_mask)
+    elif WRITE_OS:
+        tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _sla_fwd_linear_kernel(Q, QPHI, V, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, OUT, OS, OL, DEN,
+                           Lq, Lk, D, Mq, NC, NL, eps,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           LINEAR_MODE: tl.constexpr, FUSE_PROJ: tl.constexpr, SAVE: tl.constexpr,
+                           PHI_Q: tl.constexpr, PAIR: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """The linear part alone (the split forward): after the sparse kernel has written O_s, sum
+    (phi(Q) phi(K_j)^T) V_j over the blocks to subtract (mode 1: critical + negligible) or to add
+    (mode 2: marginal). Only one fp32 accumulator per program, so it needs no softmax state."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < D
+    q_off = bh * Lq * D + offs_m[:, None] * D + offs_d[None, :]
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    k_base = bh * Lk * D
+    if PHI_Q == 0:
+        qphi = tl.load(QPHI + q_off, mask=q_mask, other=0.0)
+    else:
+        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+        qphi = _feature_map_tile(q, mask_d, PHI_Q).to(q.dtype)
+    acc_l = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    den_l = tl.zeros([BLOCK_M], tl.float32)
+    lut_c = LUT_C + (bh * Mq + pid_m) * NC
+    lut_l = LUT_L + (bh * Mq + pid_m) * NL
+    offs_p = tl.arange(0, BLOCK_N * PAIR)
+    if INTERPRET:
+        if LINEAR_MODE == 1:
+            t = 0
+            while t < NC:
+                offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
+                acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                                D, PREC, INTERPRET)
+                t += PAIR
+        t = 0
+        while t < NL:
+            offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
+            acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                            D, PREC, INTERPRET)
+            t += PAIR
+    else:
+        if LINEAR_MODE == 1:
+            for t in range(0, NC, PAIR):
+                offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
+                acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                                D, PREC, INTERPRET)
+        for t in range(0, NL, PAIR):
+            offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
+            acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
+                                            D, PREC, INTERPRET)
+    # O_s comes from the sparse kernel (read in the epilogue, LOAD_OS); acc_l is a placeholder here
+    _linear_epilogue(acc_l, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
+                     mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, False, SAVE, True, HILO, PREC,
+                     INTERPRET)
+
+
+@triton.jit
+def _sla_totals_kernel(KPHI, V, HPART, ZPART, Lk, D, CHUNK_TILES,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """Partial totals over one chunk of keys: HPART[bh, c] = phi(K_c)^T V_c, ZPART[bh, c] = sum phi(K_c),
+    from the low-precision phi(K), V tiles with fp32 accumulation (the same products the forward
+    kernel subtracts per block). The host sums the chunks."""
+    pid_c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    z = tl.zeros([BLOCK_D], tl.float32)
+    k_base = bh * Lk * D
+    if INTERPRET:
+        t = 0
+        while t < CHUNK_TILES:
+            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D,
+                                  BLOCK_N, PREC, INTERPRET)
+            t += 1
+    else:
+        for t in range(CHUNK_TILES):
+            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D,
+                                  BLOCK_N, PREC, INTERPRET)
+    part = bh * n_chunks + pid_c
+    h_off = part * D * D + offs_d[:, None] * D + offs_d[None, :]
+    tl.store(HPART + h_off, acc, mask=mask_d[:, None] & mask_d[None, :])
+    tl.store(ZPART + part * D + offs_d, z, mask=mask_d)
+
+
+@triton.jit
+def _totals_step(j, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_k = j * BLOCK_N + offs_n
+    kv_off = k_base + offs_k[:, None] * D + offs_d[None, :]
+    kv_mask = (offs_k < Lk)[:, None] & mask_d[None, :]
+    kphi = tl.load(KPHI + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    acc += _dot(tl.trans(kphi), v, PREC, INTERPRET)
+    z += tl.sum(kphi.to(tl.float32), 0)
+    return acc, z
 
 
 @triton.jit
@@ -352,19 +535,72 @@ def _sla_bwd_kernel(Q, K, V, QPHI, KPHI, DOS, LSE, DELTA, DN, DDN, LUT_C, LUT_L,
                       BLOCK_M, BLOCK_N, BLOCK_D, LINEAR_MODE, PREC, INTERPRET)
 
 
+@triton.jit
+def _sla_plan_kernel(SCORES, CRIT, NEG, CLS, Mk, NCRIT, NNEG, MK_P2: tl.constexpr):
+    """One row of the block plan: sort the row's key-block scores (descending, ties to the lower
+    block id) and write the top NCRIT ids (best first), the bottom NNEG ids (worst first) and the
+    row of the class map (1 critical, -1 negligible, 0 marginal). Scores are packed with their
+    block id into one int64 key: an order-preserving map of the fp32 bits in the high word."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, MK_P2)
+    valid = offs < Mk
+    s = tl.load(SCORES + row * Mk + offs, mask=valid, other=float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed-int order == float order
+    packed = (key.to(tl.int64) << 32) | (MK_P2 - 1 - offs).to(tl.int64)
+    packed = tl.sort(packed, descending=True)
+    low = packed - ((packed >> 32) << 32)
+    ids = (MK_P2 - 1 - low).to(tl.int32)
+    tl.store(CRIT + row * NCRIT + offs, ids, mask=offs < NCRIT)
+    neg_pos = Mk - 1 - offs  # the worst block first
+    tl.store(NEG + row * NNEG + neg_pos, ids, mask=valid & (neg_pos < NNEG))
+    cls = tl.where(offs < NCRIT, 1, tl.where(neg_pos < NNEG, -1, 0)).to(tl.int8)
+    tl.store(CLS + row * Mk + ids, cls, mask=valid)
+
+
+def sla_plan(scores: torch.Tensor, n_crit: int, n_neg: int):
+    """(critical [.., Mq, n_crit], negligible [.., Mq, n_neg] int32, classes [.., Mq, Mk] int8) from
+    fp32 block scores [..., Mq, Mk]: the same sets and orders as torch.topk (up to ties)."""
+    mk = scores.shape[-1]
+    lead = scores.shape[:-1]
+    scores = scores.contiguous()
+    rows = scores.numel() // mk
+    crit = torch.empty(*lead, n_crit, device=scores.device, dtype=torch.int32)
+    neg = torch.empty(*lead, n_neg, device=scores.device, dtype=torch.int32)
+    cls = torch.empty(*lead, mk, device=scores.device, dtype=torch.int8)
+    p2 = max(16, triton.next_power_of_2(mk))
+    _sla_plan_kernel[(rows,)](scores, crit, _non_empty(neg), cls, mk, n_crit, n_neg, MK_P2=p2,
+                              num_warps=4 if p2 <= 1024 else 8)
+    return crit, neg, cls
+
+
 def _non_empty(t: torch.Tensor) -> torch.Tensor:
     """Empty LUTs still need a valid pointer; their loop counts are zero, so it is never read."""
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
 # (num_warps, num_stages) per pass, by query-block size. One warpgroup (4 warps) per 64 query rows
-# lets Hopper issue m64 wgmma tiles in the forward; the backward prefers 8. Picked by the sweep in
-# benchmarks/attention/bench_sla.py on an H100 (NOTES_sla.md); 3 backward stages overflow shared memory.
-# The benchmark overrides entries to sweep them.
+# lets Hopper issue m64 wgmma tiles; the backward prefers 8. "lin" is the linear-part kernel of the
+# split forward, "tot" the totals pass. The 64-row entries are the winners of the sweep in
+# benchmarks/attention/bench_sla.py (v3, NVIDIA H200, NOTES_sla.md); 3 backward stages overflow shared
+# memory. The benchmark overrides entries to sweep them.
 TUNING: dict[tuple[str, int], tuple[int, int]] = {
-    ("fwd", 16): (4, 2), ("fwd", 32): (4, 2), ("fwd", 64): (4, 3), ("fwd", 128): (8, 3),
+    ("fwd", 16): (4, 2), ("fwd", 32): (4, 2), ("fwd", 64): (4, 2), ("fwd", 128): (8, 3),
+    ("lin", 16): (4, 2), ("lin", 32): (4, 2), ("lin", 64): (4, 2), ("lin", 128): (8, 2),
     ("bwd", 16): (4, 2), ("bwd", 32): (4, 2), ("bwd", 64): (8, 2), ("bwd", 128): (8, 2),
+    ("tot", 16): (4, 2), ("tot", 32): (4, 2), ("tot", 64): (4, 3), ("tot", 128): (4, 3),
 }
+# Split forward (sparse kernel, then the linear-part kernel) instead of one fused kernel, per
+# query-block size: two programs with one fp32 accumulator each instead of one holding two. At 64x64
+# the fused kernel lost the v3 sweep (module forward 3.98-4.27 ms vs 2.81 ms, H200, NOTES_sla.md).
+SPLIT_FORWARD: dict[int, bool] = {16: False, 32: False, 64: True, 128: True}
+# The totals pass keeps a BLOCK_D x BLOCK_D fp32 accumulator; larger head dims use PyTorch.
+MAX_TOTALS_HEAD_DIM = 128
+# Key blocks per loop step of the forward kernels ("fwd": the softmax kernel, "lin": the linear-part
+# kernel): 2 gathers two LUT entries into one tile of 2*block_k rows (wider matmuls, half the steps).
+PAIR_BLOCKS: dict[str, int] = {"fwd": 1, "lin": 1}
+# The plan pass sorts a whole row of key-block scores in one program; longer rows use torch.topk.
+MAX_PLAN_KEY_BLOCKS = 4096
 
 
 def _launch_params(head_dim: int, dtype: torch.dtype, which: str, block: int) -> dict:
@@ -374,23 +610,93 @@ def _launch_params(head_dim: int, dtype: torch.dtype, which: str, block: int) ->
                 INTERPRET=triton_interpreter_on(), num_warps=num_warps, num_stages=num_stages)
 
 
-def sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, linear_mode: int, scale: float, eps: float,
-                block_q: int, block_k: int):
-    """q, qphi [BH, Lq, D]; k, v, kphi [BH, Lk, D]; lut_c [BH, Mq, NC], lut_l [BH, Mq, NL] int32.
-    Returns o_s [BH, Lq, D] (q's dtype), lse2 [BH, Lq], o_l [BH, Lq, D] fp32, den [BH, Lq] fp32."""
+def _launch(kernel, grid, which: str, block: int, head_dim: int, dtype: torch.dtype, *args, **constexprs):
+    """Launch with TUNING's (num_warps, num_stages); if the pipeline does not fit in shared memory,
+    retry with one stage fewer and remember that for this pass."""
+    params = _launch_params(head_dim, dtype, which, block)
+    while True:
+        try:
+            return kernel[grid](*args, **constexprs, **params)
+        except triton.runtime.errors.OutOfResources:
+            if params["num_stages"] <= 1:
+                raise
+            params["num_stages"] -= 1
+            TUNING[(which, block)] = (params["num_warps"], params["num_stages"])
+
+
+def _pair(which: str, block_k: int) -> int:
+    return PAIR_BLOCKS[which] if block_k <= 64 else 1
+
+
+def _empty(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(0, device=ref.device, dtype=dtype)
+
+
+def sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode: int, scale: float,
+                eps: float, block_q: int, block_k: int, fuse_proj: bool = False, save: bool = True,
+                split: bool = False, phi_q: int = 0):
+    """q, qphi [BH, Lq, D]; k, v, kphi [BH, Lk, D]; lut_c [BH, Mq, NC], lut_l [BH, Mq, NL] int32;
+    wpt [D, D] fp32 (proj weight transposed), bp [D] fp32: used when ``fuse_proj``.
+
+    Returns (out, o_s, lse2, o_l, den): out [BH, Lq, D] in q's dtype = O_s + O_l @ wpt + bp when
+    ``fuse_proj`` (else empty); o_s (q's dtype), o_l fp32, den fp32 when ``save`` or not ``fuse_proj``
+    (else empty); lse2 [BH, Lq] fp32 always. ``split`` runs the linear part as its own kernel.
+    ``phi_q`` 1/2/3 (softmax/elu/relu): the kernels compute phi(Q) from q (qphi is then not read)."""
     bh, lq, d = q.shape
     lk = k.shape[1]
     mq = lut_c.shape[1]
-    o_s = torch.empty_like(q)
-    lse = torch.empty(bh, lq, device=q.device, dtype=torch.float32)
-    o_l = torch.empty(bh, lq, d, device=q.device, dtype=torch.float32)
-    den = torch.empty(bh, lq, device=q.device, dtype=torch.float32)
-    params = _launch_params(d, q.dtype, "fwd", block_q)
-    num_lin = lut_l.shape[2]
-    _sla_fwd_kernel[(mq, bh)](q, k, v, qphi, kphi, htot, ztot, lut_c, _non_empty(lut_l), o_s, lse, o_l, den,
-                              lq, lk, d, mq, lut_c.shape[2], num_lin, scale * LOG2E, eps,
-                              BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=linear_mode, **params)
-    return o_s, lse, o_l, den
+    if linear_mode == 0:
+        fuse_proj = False  # the caller combines (the linear part is 0 or computed in PyTorch)
+    parts = save or not fuse_proj
+    f32 = dict(device=q.device, dtype=torch.float32)
+    lse = torch.empty(bh, lq, **f32)
+    out = torch.empty_like(q) if fuse_proj else _empty(q, q.dtype)
+    o_s = torch.empty_like(q) if (parts or split) else _empty(q, q.dtype)
+    o_l = torch.empty(bh, lq, d, **f32) if (parts and linear_mode != 0) else _empty(q, torch.float32)
+    den = torch.empty(bh, lq, **f32) if (parts and linear_mode != 0) else _empty(q, torch.float32)
+    if not fuse_proj:
+        wpt = bp = _empty(q, torch.float32)
+    nc, nl = lut_c.shape[2], lut_l.shape[2]
+    lut_l_ptr = _non_empty(lut_l)
+    wpt_ptr, bp_ptr = _non_empty(wpt), _non_empty(bp)
+    o_l_ptr, den_ptr, out_ptr = _non_empty(o_l), _non_empty(den), _non_empty(out)
+    o_s_ptr = _non_empty(o_s)
+    fused_mode = 0 if (split or linear_mode == 0) else linear_mode
+    # bf16: H_tot goes to the kernels as bf16 hi + lo (see _linear_epilogue); else fp32 (tf32 products)
+    hilo = q.dtype == torch.bfloat16 and linear_mode == 1
+    if hilo:
+        h_hi = htot.to(torch.bfloat16)
+        htot = torch.stack([h_hi, (htot - h_hi.float()).to(torch.bfloat16)], dim=1).contiguous()
+    _launch(_sla_fwd_kernel, (mq, bh), "fwd", block_q, d, q.dtype,
+            q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l_ptr, wpt_ptr, bp_ptr, out_ptr, o_s_ptr,
+            lse, o_l_ptr, den_ptr, lq, lk, d, mq, nc, nl, scale * LOG2E, eps,
+            BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=fused_mode, FUSE_PROJ=fuse_proj, SAVE=parts, PHI_Q=phi_q,
+            PAIR=_pair("fwd", block_k), HILO=hilo)
+    if split and linear_mode != 0:
+        _launch(_sla_fwd_linear_kernel, (mq, bh), "lin", block_q, d, q.dtype,
+                q, qphi, v, kphi, htot, ztot, lut_c, lut_l_ptr, wpt_ptr, bp_ptr, out_ptr,
+                o_s_ptr, o_l_ptr, den_ptr, lq, lk, d, mq, nc, nl, eps,
+                BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=linear_mode, FUSE_PROJ=fuse_proj, SAVE=parts,
+                PHI_Q=phi_q, PAIR=_pair("lin", block_k), HILO=hilo)
+    if not parts:
+        o_s = _empty(q, q.dtype)
+    return out, o_s, lse, o_l, den
+
+
+def sla_totals(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_tot = phi(K)^T V [BH, D, D] and Z_tot = sum_t phi(K_t) [BH, D], fp32, from kphi, v [BH, Lk, D]
+    in their own dtype (fp32 accumulation), split over key chunks so every SM has work."""
+    bh, lk, d = kphi.shape
+    block_n = 64
+    tiles = -(-lk // block_n)
+    chunks = max(1, min(tiles, -(-512 // bh)))  # ~512 programs in all
+    chunk_tiles = -(-tiles // chunks)
+    chunks = -(-tiles // chunk_tiles)
+    hpart = torch.empty(bh, chunks, d, d, device=kphi.device, dtype=torch.float32)
+    zpart = torch.empty(bh, chunks, d, device=kphi.device, dtype=torch.float32)
+    _launch(_sla_totals_kernel, (chunks, bh), "tot", block_n, d, kphi.dtype,
+            kphi, v, hpart, zpart, lk, d, chunk_tiles, BLOCK_N=block_n)
+    return hpart.sum(1), zpart.sum(1)
 
 
 def column_lut(lut: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,10 +734,10 @@ def sla_backward(q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, lut_l, l
     dv = torch.empty(bh, lk, d, **f32)
     dqphi = torch.zeros(bh, lq, d, **f32)
     dkphi = torch.zeros(bh, lk, d, **f32)
-    params = _launch_params(d, q.dtype, "bwd", max(block_q, block_k))
-    _sla_bwd_kernel[(mq + mk, bh)](q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, _non_empty(lut_l),
-                                   colc_off, colc_idx, coll_off, coll_idx, dq, dqphi, dk, dv, dkphi,
-                                                   lq, lk, d, mq, mk, lut_c.shape[2], lut_l.shape[2],
-                                   colc_idx.shape[1], coll_idx.shape[1], scale * LOG2E, scale,
-                                   BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=linear_mode, **params)
+    _launch(_sla_bwd_kernel, (mq + mk, bh), "bwd", max(block_q, block_k), d, q.dtype,
+            q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, _non_empty(lut_l),
+            colc_off, colc_idx, coll_off, coll_idx, dq, dqphi, dk, dv, dkphi,
+            lq, lk, d, mq, mk, lut_c.shape[2], lut_l.shape[2],
+            colc_idx.shape[1], coll_idx.shape[1], scale * LOG2E, scale,
+            BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=linear_mode)
     return dq, dk, dv, dqphi, dkphi

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fewer.attention.sla import SLAConfig, SparseLinearAttention, plan_blocks, sla_parts
-from fewer.attention.sla.ops import MODE_DIRECT, MODE_NONE, MODE_SUBTRACT, linear_mode_for
+from fewer.attention.sla import triton as sla_triton
+from fewer.attention.sla.ops import MODE_DIRECT, MODE_NONE, MODE_SUBTRACT, linear_mode_for, sla_totals_op
 from fewer.attention.sla.reference import sla_parts_reference
 from fewer.core import rel_l2
 
@@ -37,8 +38,29 @@ def _grads(fn, q, k, v, g_s, g_l, dtype):
     return [o_s.double(), o_l.double()] + [t.double() for t in torch.autograd.grad(loss, leaves)]
 
 
+def _set_forward(monkeypatch, split: bool, pair: int) -> None:
+    monkeypatch.setitem(sla_triton.SPLIT_FORWARD, 16, split)
+    monkeypatch.setitem(sla_triton.PAIR_BLOCKS, "fwd", pair)
+    monkeypatch.setitem(sla_triton.PAIR_BLOCKS, "lin", pair)
+
+
+@pytest.fixture(params=[(False, 1), (True, 1)], ids=["fused", "split"])
+def split_forward(request, monkeypatch):
+    """Run the kernels' forward as one fused kernel or as sparse kernel + linear-part kernel."""
+    _set_forward(monkeypatch, *request.param)
+    return request.param
+
+
+@pytest.fixture(params=[(False, 1), (True, 1), (False, 2), (True, 2)],
+                ids=["fused", "split", "fused-pair", "split-pair"])
+def any_forward(request, monkeypatch):
+    """As split_forward, also with two key blocks per loop step (PAIR_BLOCKS = 2)."""
+    _set_forward(monkeypatch, *request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_fp32_kernels_match_fp64_reference(case):
+def test_fp32_kernels_match_fp64_reference(case, any_forward):
     cfg, q, k, v, mode = _inputs(case, torch.float32)
     plan = plan_blocks(q, k, cfg)
     assert linear_mode_for(plan, cfg) == mode
@@ -55,10 +77,11 @@ def test_fp32_kernels_match_fp64_reference(case):
         assert rel_l2(a, b) < tol, f"{case} {name}: {rel_l2(a, b):.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["subtract", "direct-d72"])
-def test_half_precision_error_within_budget_of_torch_at_same_precision(case):
-    """Error vs fp64 at most 2x (forward) / 3x (backward) that of the reference run in float16."""
-    cfg, q, k, v, _ = _inputs(case, torch.float16)
+def test_half_precision_error_within_budget_of_torch_at_same_precision(case, dtype, split_forward):
+    """Error vs fp64 at most 2x (forward) / 3x (backward) that of the reference run in that dtype."""
+    cfg, q, k, v, _ = _inputs(case, dtype)
     plan = plan_blocks(q, k, cfg)
     g_s = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
     g_l = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
@@ -67,30 +90,49 @@ def test_half_precision_error_within_budget_of_torch_at_same_precision(case):
         return _grads(lambda a, b, c: sla_parts_reference(a, b, c, cfg, plan=plan, compute_dtype=dtype),
                       q, k, v, g_s, g_l, dtype)
 
-    got = _grads(lambda a, b, c: sla_parts(a, b, c, cfg, plan=plan)[:2], q, k, v, g_s, g_l, torch.float16)
-    exact, torch_half = ref(torch.float64), ref(torch.float16)
+    got = _grads(lambda a, b, c: sla_parts(a, b, c, cfg, plan=plan)[:2], q, k, v, g_s, g_l, dtype)
+    exact, torch_half = ref(torch.float64), ref(dtype)
     for name, a, e, t in zip(("o_s", "o_l", "dq", "dk", "dv"), got, exact, torch_half):
         budget = TOLERANCES["kernel_lowp_fwd_ratio" if name.startswith("o") else "kernel_lowp_bwd_ratio"]
         assert torch.isfinite(a).all()
         assert rel_l2(a, e) <= budget * rel_l2(t, e), f"{case} {name}: {rel_l2(a, e):.2e} vs {rel_l2(t, e):.2e}"
 
 
-def test_module_gradients_reach_projection_and_match_reference():
-    cfg, q, k, v, _ = _inputs("subtract", torch.float32)
+@pytest.mark.parametrize("case", ["subtract", "direct-d72"])
+def test_module_gradients_reach_projection_and_match_reference(case, split_forward):
+    """The module's forward applies proj in the kernel epilogue: output and every gradient (q, k, v,
+    proj weight and bias) match the reference module; the inference call (no parts saved) too."""
+    cfg, q, k, v, _ = _inputs(case, torch.float32)
     attn = SparseLinearAttention(q.shape[-1], cfg).to(DEVICE)
     torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    torch.nn.init.normal_(attn.proj.bias, std=0.1)
     ref_attn = SparseLinearAttention(q.shape[-1], cfg.replace(backend="reference")).to(DEVICE)
     ref_attn.load_state_dict(attn.state_dict())
     grad = torch.randn_like(q)
     outs = []
     for module in (attn, ref_attn):
         module.zero_grad()
-        out = module(q, k, v)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = module(*leaves)
         out.backward(grad)
-        outs.append((out, module.proj.weight.grad.clone(), module.proj.bias.grad.clone()))
-    for a, b in zip(outs[0], outs[1]):
+        outs.append([out] + [t.grad for t in leaves] + [module.proj.weight.grad.clone(), module.proj.bias.grad.clone()])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dW", "db"), outs[0], outs[1]):
         assert b.abs().sum() > 0
-        assert rel_l2(a, b) < 1e-5
+        assert rel_l2(a, b) < 1e-5, f"{case} {name}: {rel_l2(a, b):.3e}"
+    with torch.no_grad():
+        assert rel_l2(attn(q, k, v), outs[1][0]) < 1e-5
+
+
+def test_totals_pass_matches_fp64_and_its_gradient():
+    """H_tot = phi(K)^T V and Z_tot over chunks of key tiles (ragged length), and its autograd."""
+    kphi = torch.rand(3, 150, 32, device=DEVICE, dtype=torch.float64)
+    v = torch.randn(3, 150, 32, device=DEVICE, dtype=torch.float64)
+    htot, ztot = sla_totals_op(kphi.float(), v.float())
+    assert rel_l2(htot.double(), kphi.transpose(-2, -1) @ v) < 1e-6
+    assert rel_l2(ztot.double(), kphi.sum(-2)) < 1e-6
+    torch.library.opcheck(torch.ops.fewer.sla_totals.default,
+                          (kphi.float().requires_grad_(), v.float().requires_grad_()),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_custom_op_registration_passes_opcheck():
@@ -105,7 +147,49 @@ def test_custom_op_registration_passes_opcheck():
     htot = (kphi.detach().transpose(-2, -1) @ vc.detach()).requires_grad_()
     ztot = kphi.detach().sum(-2).requires_grad_()
     mq = plan.critical.shape[2]
-    args = (qc, kc, vc, qphi, kphi, htot, ztot, plan.critical.reshape(b * h, mq, -1).contiguous(),
-            plan.negligible.reshape(b * h, mq, -1).contiguous(), MODE_SUBTRACT, 0.25, 1e-5, 16, 16)
-    torch.library.opcheck(torch.ops.fewer.sla_forward.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    wpt = torch.randn(d, d, device=DEVICE, requires_grad=True)
+    bp = torch.randn(d, device=DEVICE, requires_grad=True)
+    for fuse_proj in (False, True):
+        args = (qc, kc, vc, qphi, kphi, htot, ztot, plan.critical.reshape(b * h, mq, -1).contiguous(),
+                plan.negligible.reshape(b * h, mq, -1).contiguous(), wpt, bp, MODE_SUBTRACT, 0.25, 1e-5, 16, 16,
+                fuse_proj, True, False)
+        torch.library.opcheck(torch.ops.fewer.sla_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("fields", [dict(topk=0.2, negligible=0.3), dict(topk=0.1, negligible=0.0, smooth_k=True),
+                                    dict(topk=0.05, negligible=0.9)])
+def test_plan_pass_equals_reference_plan(fields):
+    """The Triton plan (one sort per row) picks the same blocks in the same order as torch.topk."""
+    from fewer.attention.sla.ops import plan_blocks_kernel
+    cfg = SLAConfig(block_q=16, block_k=8, backend="triton", **fields)
+    q, k = torch.randn(2, 3, 150, 16, device=DEVICE), torch.randn(2, 3, 333, 16, device=DEVICE)
+    got, ref = plan_blocks_kernel(q, k, cfg), plan_blocks(q, k, cfg)
+    for name, a, b in zip(("critical", "negligible", "classes"), got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["subtract", "direct-d72"])
+def test_half_precision_inference_forward_within_budget(case, dtype, split_forward):
+    """The inference call (phi(Q) in the kernel, proj in the epilogue, no parts saved; bf16: H_tot as
+    bf16 hi + lo) in half precision: error vs fp64 at most 2x that of the reference module run in
+    the same dtype."""
+    cfg, q, k, v, _ = _inputs(case, dtype)
+    attn = SparseLinearAttention(q.shape[-1], cfg).to(DEVICE)
+    torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    torch.nn.init.normal_(attn.proj.bias, std=0.1)
+    ref = SparseLinearAttention(q.shape[-1], cfg.replace(backend="reference")).to(DEVICE)
+    ref.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        got = attn(q, k, v)
+        plan = attn.last_plan
+        from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
+        w, b = attn.proj.weight, attn.proj.bias
+        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=plan,
+                         compute_dtype=torch.float64)
+        half = full_ref(q, k, v, cfg, w, b, plan=plan, compute_dtype=dtype)
+    assert torch.isfinite(got).all()
+    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
+    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fewer.info", "versions, devices, and which backends can run here (with reasons)"),
     "data": ("fewer.data.cli", "prepare or inspect the offline datasets"),
     "train": ("fewer.baselines.cli", "train a foundation baseline: LLaMA on Shakespeare (lm) or a DiT on digits (digits)"),
+    "distill": ("fewer.distill.cli", "few-step distillation (sCM, rCM, DMD) on the 2-D toy or digits: fewer distill toy|digits"),
     "tour": ("fewer.report.tour", "run what fewer can do on the embedded data and write a report"),
 }
 

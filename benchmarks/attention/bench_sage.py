@@ -57,10 +57,10 @@ def gpu_checks(quick: bool = False) -> list[dict]:
         dict(b=1, hq=2, hk=2, lq=256, lk=256, d=256, causal=False),
         dict(b=2, hq=4, hk=2, lq=1000, lk=1000, d=128, causal=True, layout="blhd"),
     ]
-    configs = ["sage2", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token"]
-    if quick:  # fewer compilations: the default, SA2++ (BN64, FP16 accumulator), the per-token scale path
+    configs = ["sage2", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token", "sage2_pv16"]
+    if quick:  # fewer compilations: the default, SA2++ (BN64, FP16 accumulator), the per-token scale path, FP16 PV
         cases = [cases[i] for i in (0, 1, 2, 3, 6, 7)]
-        configs = ["sage2", "sage2pp", "sage_per_token"]
+        configs = ["sage2", "sage2pp", "sage_per_token", "sage2_pv16"]
     for case in cases:
         layout = case.get("layout", "bhld")
         q, k, v = _inputs(case["b"], case["hq"], case["hk"], case["lq"], case["lk"], case["d"], layout=layout)
@@ -102,6 +102,7 @@ def accuracy_table(long_len: int) -> list[dict]:
         "sage2": SageConfig.from_preset("sage2"),
         "sage2 smooth_q": SageConfig.from_preset("sage2_smooth_q"),
         "sage2pp": SageConfig.from_preset("sage2pp"),
+        "sage2_pv16": SageConfig.from_preset("sage2_pv16"),
         "no K smoothing": SageConfig(smooth_k=False),
         "single-level PV": SageConfig(pv_accumulation="fp32"),
         "no V smoothing": SageConfig(smooth_v=False),
@@ -126,14 +127,14 @@ def accuracy_table(long_len: int) -> list[dict]:
             rep = error_report(out, ref)
             row[f"{vname}: cos"] = rep["cos_sim"]
             row[f"{vname}: rel_l1"] = rep["rel_l1"]
-            if vname == "sage2":
-                row["sage2: rmse"] = rep["rmse"]
+            if vname in ("sage2", "sage2_pv16"):
+                row[f"{vname}: rmse"] = rep["rmse"]
         rows.append(row)
     return rows
 
 
 def speed_rows(quick: bool) -> list[dict]:
-    from fewer.attention.sage.triton import attend_triton, quantize_triton
+    from fewer.attention.sage.triton import attend_triton, q_in_kernel, quantize_triton
 
     shapes = []
     if quick:  # the issue's bar: d128 and d64 at L >= 8K non-causal, one causal row
@@ -149,6 +150,7 @@ def speed_rows(quick: bool) -> list[dict]:
                 shapes.append(dict(B=2, H=32, L=32768, D=d, causal=causal))
     shapes.append(dict(B=1, H=12, L=32760, D=128, causal=False, name="wan2.1-1.3b"))
     cfg = SageConfig.from_preset("sage2")
+    cfg16 = SageConfig.from_preset("sage2_pv16")
     rows = []
     for shp in shapes:
         b, h, L, d, causal = shp["B"], shp["H"], shp["L"], shp["D"], shp["causal"]
@@ -157,10 +159,19 @@ def speed_rows(quick: bool) -> list[dict]:
         row = dict(shape=shp.get("name", ""), B=b, H=h, L=L, D=d, causal=causal)
         timings = {}
         timings["sage"] = time_ms(lambda: sage_attention(q, k, v, is_causal=causal, config=cfg))
-        buffers = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg)
+        # with Q quantized inside the attention kernel (the default at d128), kernel-only includes Q's
+        # quantization and quant-only is K and V
+        sep = not q_in_kernel(cfg, d)
+        buffers = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg, quantize_q=sep)
         out = torch.empty_like(q)
         timings["sage_kernel_only"] = time_ms(lambda: attend_triton(buffers, out, L, L, is_causal=causal, config=cfg))
-        timings["sage_quant_only"] = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg))
+        timings["sage_quant_only"] = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg, quantize_q=sep))
+        # the two pipelines side by side (no custom-op overhead in either)
+        for name, quant_q in (("pipeline_q_in_kernel", False), ("pipeline_q_separate", True)):
+            timings[name] = time_ms(lambda quant_q=quant_q: attend_triton(
+                quantize_triton(q, k, v, 1 / math.sqrt(d), cfg, quantize_q=quant_q), out, L, L,
+                is_causal=causal, config=cfg))
+        timings["sage_pv16"] = time_ms(lambda: sage_attention(q, k, v, is_causal=causal, config=cfg16))
         for name, backend in (("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
                               ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend):
@@ -172,21 +183,53 @@ def speed_rows(quick: bool) -> list[dict]:
                 print(f"{name} failed on {shp}: {exc}", file=sys.stderr)
         for name, t in timings.items():
             row[f"{name}_ms"] = t["median_ms"]
-            if name != "sage_quant_only":
+            if name not in ("sage_quant_only", "pipeline_q_in_kernel", "pipeline_q_separate"):
                 row[f"{name}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
         if "cudnn" in timings:
             row["sage_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage"]["median_ms"]
+            row["sage_pv16_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage_pv16"]["median_ms"]
         if "flash" in timings:
             row["sage_vs_flash"] = timings["flash"]["median_ms"] / timings["sage"]["median_ms"]
+            row["sage_pv16_vs_flash"] = timings["flash"]["median_ms"] / timings["sage_pv16"]["median_ms"]
         # quality on the first head's first 1024 queries, against fp32
         sl = (slice(0, 1), slice(0, 2), slice(0, 1024))
         out_full = sage_attention(q, k, v, is_causal=causal, config=cfg)
         ref = reference_attention(q[sl], k[:1, :2], v[:1, :2], is_causal=causal)
         row["cos_vs_fp32"] = cos_sim(out_full[sl], ref)
         row["rel_l1_vs_fp32"] = rel_l1(out_full[sl], ref)
+        out16 = sage_attention(q, k, v, is_causal=causal, config=cfg16)
+        row["pv16_rel_l1_vs_fp32"] = rel_l1(out16[sl], ref)
         rows.append(row)
         print({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
-        del q, k, v, buffers, out, out_full
+        del q, k, v, buffers, out, out_full, out16
+        torch.cuda.empty_cache()
+    return rows
+
+
+QUANT_WARP_CHOICES = [dict(first_pass=4, kv=4), dict(first_pass=8, kv=8), dict(first_pass=4, kv=8)]
+
+
+def quant_sweep(shapes=((4, 32, 8192, 128), (4, 32, 8192, 64), (1, 12, 32760, 128))) -> list[dict]:
+    """Quantization alone (three launches) per warp setting, with its bytes and bandwidth, against a plain
+    copy of Q, K and V (torch clone) timed in the same run."""
+    from fewer.attention.sage.triton import quantize_triton
+
+    cfg = SageConfig.from_preset("sage2")
+    rows = []
+    for b, h, L, d in shapes:
+        q, k, v = _inputs(b, h, h, L, L, d, seed=5)
+        elems = b * h * L * d
+        # reads: Q once, K and V twice (statistics, then quantization); writes: INT8 Q and K, FP8 V (+ scales)
+        moved = elems * (2 + 2 * 2 + 2 * 2) + elems * 3
+        copy = time_ms(lambda: (q.clone(), k.clone(), v.clone()))
+        base = dict(B=b, H=h, L=L, D=d, bytes_gb=moved / 1e9, copy_qkv_ms=copy["median_ms"],
+                    copy_tb_s=elems * 2 * 3 * 2 / (copy["median_ms"] * 1e-3) / 1e12)
+        for warps in QUANT_WARP_CHOICES:
+            t = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg, warps=warps))
+            rows.append(dict(base, warps=str(warps), quant_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
+                             tb_s=moved / (t["median_ms"] * 1e-3) / 1e12))
+            print({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in rows[-1].items()}, flush=True)
+        del q, k, v
         torch.cuda.empty_cache()
     return rows
 
@@ -264,7 +307,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile-one", action="store_true", help="one call for ncu, nothing else")
     parser.add_argument("--small-sweep", action="store_true", help="sweep only the old and the new default")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("checks", "accuracy", "speed", "sweep"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("checks", "accuracy", "speed", "sweep", "quant"))
+    parser.add_argument("--tag", default="", help="suffix of the CSV names (e.g. _v5_run1)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_sage needs a CUDA GPU")
@@ -274,10 +318,26 @@ def main() -> int:
         return 0
     print(environment(), flush=True)
     t0 = time.time()
+    # most wanted first (a call that runs out of time still leaves these): quantization, speed, accuracy, checks
+    if "quant" not in args.skip:
+        qs = quant_sweep()
+        print("quant sweep written to", write_csv(qs, "attention", "sage_quant" + args.tag), flush=True)
+    if "speed" not in args.skip:
+        rows = speed_rows(args.quick)
+        path = write_csv(rows, "attention", "sage" + args.tag)
+        print(f"\nspeed written to {path} ({time.time() - t0:.0f}s total)")
+        keep = ("shape", "B", "H", "L", "D", "causal", "sage_ms", "sage_kernel_only_ms", "sage_quant_only_ms",
+                "cudnn_ms", "flash_ms", "sage_vs_cudnn", "sage_vs_flash", "sage_pv16_ms", "sage_pv16_vs_cudnn",
+                "rel_l1_vs_fp32", "pv16_rel_l1_vs_fp32", "pipeline_q_in_kernel_ms", "pipeline_q_separate_ms")
+        print_table([{c: r.get(c, "") for c in keep} for r in rows])
+    if "accuracy" not in args.skip:
+        acc = accuracy_table(8192 if args.quick else 32768)
+        print_table(acc)
+        print("accuracy written to", write_csv(acc, "attention", "sage_accuracy" + args.tag), flush=True)
     if "checks" not in args.skip:
         checks = gpu_checks(args.quick)
         print_table(checks)
-        print("checks written to", write_csv(checks, "attention", "sage_checks"), flush=True)
+        print("checks written to", write_csv(checks, "attention", "sage_checks" + args.tag), flush=True)
     if "sweep" not in args.skip:
         if args.small_sweep:  # the previous default against the new one on one shape (same card, same run)
             for d in VARIANTS:
@@ -285,18 +345,8 @@ def main() -> int:
             sweep = variant_sweep(shapes=((2, 32, 8192, 128), (2, 32, 8192, 64)))
         else:
             sweep = variant_sweep()
-        print("sweep written to", write_csv(sweep, "attention", "sage_variants"), flush=True)
-    if "accuracy" not in args.skip:
-        acc = accuracy_table(8192 if args.quick else 32768)
-        print_table(acc)
-        print("accuracy written to", write_csv(acc, "attention", "sage_accuracy"), flush=True)
-    if "speed" not in args.skip:
-        rows = speed_rows(args.quick)
-        path = write_csv(rows, "attention", "sage")
-        print(f"\nspeed written to {path} ({time.time() - t0:.0f}s total)")
-        keep = ("shape", "B", "H", "L", "D", "causal", "sage_ms", "sage_tflops", "sage_kernel_only_tflops",
-                "flash_tflops", "cudnn_tflops", "sage_vs_cudnn", "sage_vs_flash", "rel_l1_vs_fp32")
-        print_table([{c: r.get(c, "") for c in keep} for r in rows])
+        print("sweep written to", write_csv(sweep, "attention", "sage_variants" + args.tag), flush=True)
+    print(f"done in {time.time() - t0:.0f}s")
     return 0
 
 

@@ -22,6 +22,12 @@ GRANULARITIES = ("per_block", "per_warp", "per_thread", "per_token")
 #              block sum cannot overflow 65504), added into FP32.
 PV_ACCUMULATIONS = ("fp32+fp32", "fp32", "fp32+fp16")
 
+# P~ and V operands of the PV product:
+#   fp8 : FP8 E4M3 (SageAttention2; 3 mantissa bits, ~2-3% relative rounding per element);
+#   fp16: FP16 (SageAttention1's choice; 10 mantissa bits): lifts the accuracy floor where the output is made
+#         only of what E4M3 rounds (zero-mean V), at half the PV tensor rate and twice V's bytes.
+PV_DTYPES = ("fp8", "fp16")
+
 KERNELS = ("auto", "triton", "torch")
 
 FP8_E4M3_MAX = 448.0
@@ -44,6 +50,7 @@ class SageConfig(Config):
     smooth_q: bool = False          # SageAttention2's Q smoothing; the public SA2 CUDA kernels leave it off
     smooth_v: bool = True           # subtract V's channel mean before FP8, add it back after (exact: rows of P sum to 1)
     pv_accumulation: str = "fp32+fp32"
+    pv_dtype: str = "fp8"           # P~ and V in FP8 E4M3 (SA2) or FP16 (SA1-style, the accuracy option)
     v_scale_max: float | None = None
     exp2_fp16: bool = False         # P~ = exp2(.) in FP16 pairs (ex2.approx.f16x2); measured no faster on H100
     block_m: int = 64               # query rows per program (Hopper: one warpgroup of 64 rows)
@@ -53,6 +60,7 @@ class SageConfig(Config):
     def validate(self) -> None:
         check_choice(self, "qk_granularity", GRANULARITIES)
         check_choice(self, "pv_accumulation", PV_ACCUMULATIONS)
+        check_choice(self, "pv_dtype", PV_DTYPES)
         check_choice(self, "kernel", KERNELS)
         check_choice(self, "block_m", (16, 32, 64, 128))
         check_choice(self, "block_n", (16, 32, 64, 128))
@@ -91,6 +99,8 @@ SageConfig.register_preset("sage2")
 SageConfig.register_preset("sage2_smooth_q", smooth_q=True)
 # SageAttention2++: FP8 PV into an FP16 accumulator per 64-key block (V range 2.25), then FP32.
 SageConfig.register_preset("sage2pp", pv_accumulation="fp32+fp16", block_n=64)
+# SageAttention2 with 16-bit PV (P~ and V in FP16, FP32 accumulation): the accuracy floor of SageAttention1's PV.
+SageConfig.register_preset("sage2_pv16", pv_dtype="fp16")
 # SageAttention1-style per-block scales (coarsest), for comparison.
 SageConfig.register_preset("sage_per_block", qk_granularity="per_block")
 # Finest scales: one per token.

@@ -27,9 +27,11 @@ def _to_bhld(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)  # building and validating a config costs more than a short kernel
 def _config_from(qk_granularity: str, smooth_k: bool, smooth_q: bool, smooth_v: bool, pv_accumulation: str,
-                 v_scale_max: float, exp2_fp16: bool, block_m: int, block_n: int, kernel: str) -> SageConfig:
+                 pv_dtype: str, v_scale_max: float, exp2_fp16: bool, block_m: int, block_n: int,
+                 kernel: str) -> SageConfig:
     return SageConfig(qk_granularity=qk_granularity, smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v,
-                      pv_accumulation=pv_accumulation, v_scale_max=v_scale_max if v_scale_max > 0 else None,
+                      pv_accumulation=pv_accumulation, pv_dtype=pv_dtype,
+                      v_scale_max=v_scale_max if v_scale_max > 0 else None,
                       exp2_fp16=exp2_fp16, block_m=block_m, block_n=block_n, kernel=kernel)
 
 
@@ -53,10 +55,10 @@ def _resolve_kernel(kernel: str, device_type: str, interpreter: bool) -> str:
 @torch.library.custom_op("fewer::sage_attention", mutates_args=())
 def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, sm_scale: float,
                       layout: str, return_lse: bool, qk_granularity: str, smooth_k: bool, smooth_q: bool,
-                      smooth_v: bool, pv_accumulation: str, v_scale_max: float, exp2_fp16: bool, block_m: int,
-                      block_n: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    config = _config_from(qk_granularity, smooth_k, smooth_q, smooth_v, pv_accumulation, v_scale_max, exp2_fp16,
-                          block_m, block_n, kernel)
+                      smooth_v: bool, pv_accumulation: str, pv_dtype: str, v_scale_max: float, exp2_fp16: bool,
+                      block_m: int, block_n: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    config = _config_from(qk_granularity, smooth_k, smooth_q, smooth_v, pv_accumulation, pv_dtype, v_scale_max,
+                          exp2_fp16, block_m, block_n, kernel)
     qb, kb, vb = (_to_bhld(t, layout) for t in (q, k, v))
     if resolve_kernel(config, q.device) == "torch":
         out, lse = sage_attention_reference(qb, kb, vb, is_causal=is_causal, scale=sm_scale, config=config)
@@ -77,7 +79,7 @@ def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_caus
 
 @sage_attention_op.register_fake
 def _(q, k, v, is_causal, sm_scale, layout, return_lse, qk_granularity, smooth_k, smooth_q, smooth_v,
-      pv_accumulation, v_scale_max, exp2_fp16, block_m, block_n, kernel):
+      pv_accumulation, pv_dtype, v_scale_max, exp2_fp16, block_m, block_n, kernel):
     qb = _to_bhld(q, layout)
     lse_shape = (qb.shape[0], qb.shape[1], qb.shape[2]) if return_lse else (0,)
     lse = q.new_empty(lse_shape, dtype=torch.float32)
@@ -103,5 +105,5 @@ def call_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: boo
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return sage_attention_op(q, k, v, bool(is_causal), sm_scale, layout, bool(return_lse), config.qk_granularity,
                              config.smooth_k, config.smooth_q, config.smooth_v, config.pv_accumulation,
-                             float(config.v_scale_max) if config.v_scale_max is not None else 0.0,
+                             config.pv_dtype, float(config.v_scale_max) if config.v_scale_max is not None else 0.0,
                              config.exp2_fp16, config.block_m, config.block_n, config.kernel)

@@ -10,10 +10,11 @@ Every step mirrors ``triton.py`` in the same order, so the two differ only by fl
    - K minus its per-channel mean over all tokens (exact for softmax: each score row shifts by a
      constant), then INT8 per group; never in place on the caller's tensor;
    - V optionally minus its per-channel mean (added back to the output; exact because each row of
-     the softmax sums to one), then FP8 E4M3 with one scale per channel, ``max_tokens |V[:, c]| / v_scale_max``;
+     the softmax sums to one), then FP8 E4M3 (or FP16 with ``pv_dtype='fp16'``) with one scale per channel,
+   ``max_tokens |V[:, c]| / v_scale_max``; every quantizer multiplies by the reciprocal of its scale;
    INT8 rounding is half away from zero, as in the official code.
 2. attend (``attend_quantized``): FlashAttention-style loop over KV blocks of ``block_n`` keys, online
-   softmax in base 2, ``P~ = exp2(s - m) * 448`` cast to FP8 E4M3 (static scale: P~ <= 1 needs no max),
+   softmax in base 2, ``P~ = exp2(s - m) * 448`` cast to FP8 E4M3 or FP16 (static scale: P~ <= 1 needs no max),
    PV per KV block into a fresh accumulator added into FP32 (two-level), or the ablations.
 
 Shapes: [B, H, L, D] tensors; scales are expanded to one per token ([B, H, L], float32), so one kernel
@@ -80,7 +81,9 @@ def int8_by_groups(x: torch.Tensor, gid: torch.Tensor) -> tuple[torch.Tensor, to
     amax_group = amax_group.scatter_reduce(-1, idx, amax_token, reduce="amax", include_self=True)
     scale_group = amax_group.clamp_min(SCALE_FLOOR) / INT8_MAX
     scale = torch.gather(scale_group, -1, idx)
-    q = round_half_away(x / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX)
+    # multiply by the correctly rounded reciprocal (the kernels do the same: one division per token, not
+    # per element); it differs from x / scale by at most one float32 rounding before the INT8 rounding
+    q = round_half_away(x * torch.reciprocal(scale).unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
 
 
@@ -136,14 +139,23 @@ def value_mean(v: torch.Tensor) -> torch.Tensor:
     return v.float().mean(dim=-2, keepdim=True)
 
 
-def quantize_v(v: torch.Tensor, v_scale_max: float, mean: torch.Tensor | None = None
+def quantize_v(v: torch.Tensor, v_scale_max: float, mean: torch.Tensor | None = None, pv_dtype: str = "fp8"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """V [B, Hk, Lk, D] (minus ``mean`` if given) -> (FP8 E4M3 values, float32 scale per channel [B, Hk, D])."""
+    """V [B, Hk, Lk, D] (minus ``mean`` if given) -> (FP8 E4M3 or FP16 values, float32 scale per channel [B, Hk, D]).
+
+    Each channel is scaled so its largest magnitude maps to ``v_scale_max``; values are multiplied by the
+    correctly rounded reciprocal of the scale (as the kernel does)."""
     vf = v.float()
     if mean is not None:
         vf = vf - mean
     scale = vf.abs().amax(dim=-2).clamp_min(SCALE_FLOOR) / fp32_scalar(v_scale_max, v.device)
-    return to_e4m3(vf / scale.unsqueeze(-2)), scale
+    scaled = vf * torch.reciprocal(scale).unsqueeze(-2)
+    return (to_e4m3(scaled) if pv_dtype == "fp8" else scaled.to(torch.float16)), scale
+
+
+def round_p(p: torch.Tensor, pv_dtype: str) -> torch.Tensor:
+    """P~ (float32, in [0, 448]) rounded to the PV operand format, back in float32."""
+    return (to_e4m3(p) if pv_dtype == "fp8" else p.to(torch.float16)).float()
 
 
 def mma_step_truncated(acc: torch.Tensor, p8: torch.Tensor, v8: torch.Tensor, bits: int) -> torch.Tensor:
@@ -208,13 +220,14 @@ def attend_quantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
             p = torch.exp2(arg)
         alpha = torch.exp2(m - m_safe)
         l = l * alpha + p.sum(dim=-1)
-        p8 = to_e4m3(p).float()
+        p8 = round_p(p, config.pv_dtype)
         vb = v8[..., start:stop, :].float()
-        if config.pv_accumulation == "fp32+fp32":
+        if config.pv_accumulation == "fp32+fp32" or (config.pv_accumulation == "fp32" and config.pv_dtype == "fp16"):
+            # (FP16 MMAs accumulate in full FP32, so a running accumulator loses nothing there)
             acc = acc * alpha.unsqueeze(-1) + p8 @ vb
         elif config.pv_accumulation == "fp32+fp16":
             acc = acc * alpha.unsqueeze(-1) + (p8 @ vb).to(torch.float16).float()
-        else:  # single running accumulator, emulating the tensor core's reduced precision
+        else:  # FP8, single running accumulator, emulating the tensor core's reduced precision
             acc = acc * alpha.unsqueeze(-1)
             for k0 in range(0, stop - start, MMA_K):
                 acc = mma_step_truncated(acc, p8[..., k0:k0 + MMA_K], vb[..., k0:k0 + MMA_K, :],
@@ -249,7 +262,7 @@ def sage_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     k_mean = key_mean(k) if config.smooth_k else None
     k8, ks = quantize_k(k, config.qk_granularity, k_mean)
     v_mean = value_mean(v) if config.smooth_v else None
-    v8, vs = quantize_v(v, config.resolved_v_scale_max, v_mean)
+    v8, vs = quantize_v(v, config.resolved_v_scale_max, v_mean, config.pv_dtype)
     delta_s = None
     if q_mean is not None:
         delta_s = q_mean @ expand_kv_heads(smoothed_keys(k, k_mean), hq).transpose(-1, -2)
@@ -279,5 +292,5 @@ def natural_lse(lse2: torch.Tensor, q: torch.Tensor, k_mean: torch.Tensor | None
 
 
 __all__ = ["FP8_E4M3_MAX", "LOG2E", "attend_quantized", "group_index", "int8_by_groups", "key_mean",
-           "natural_lse", "quantize_k", "quantize_q", "quantize_v", "round_half_away", "sage_attention_reference",
+           "natural_lse", "quantize_k", "quantize_q", "quantize_v", "round_half_away", "round_p", "sage_attention_reference",
            "value_mean"]

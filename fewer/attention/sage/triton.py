@@ -1,15 +1,19 @@
 """Triton kernels of SageAttention2 (sm90 first; any GPU with FP8 tensor cores), and their launcher.
 
-Three memory-bound kernels quantize, then one attention kernel runs (the arithmetic mirrors
-``reference.py`` step by step):
+Three memory-bound launches quantize, then one attention kernel runs (the arithmetic mirrors
+``reference.py`` step by step; every quantizer multiplies by a correctly rounded reciprocal of its scale,
+one division per token or channel, and is compiled without FMA contraction so it equals the twin bit for bit):
 
-- ``_kv_stats_kernel``: per 128-token chunk, K and V column sums (means) and V column max and min (V range);
-- ``_quant_q_kernel``: Q * sm_scale * log2(e), optional Q smoothing (mean per 128 tokens), INT8 per group;
-- ``_quant_kv_kernel``: K minus its mean -> INT8 per group; V (minus its mean) / per-channel scale -> FP8, written
+- ``_quant_q_and_kv_stats_kernel``: Q * sm_scale * log2(e), optional Q smoothing (mean per 128 tokens), INT8 per
+  group; in the same launch, per 128-token chunk, K and V column sums and V column max and min;
+- ``_kv_finalize_kernel``: the chunk statistics -> K mean, V mean, V scale per channel and its reciprocal;
+- ``_quant_kv_kernel``: K minus its mean -> INT8 per group; V (minus its mean) times 1/scale -> FP8, written
   transposed ([D, L], the K-major layout the FP8 wgmma needs for its B operand), keys reordered inside every 16
-  (``key_slots``) to match the register order of P~;
+  (``key_slots``) to match the register order of P~; or, with ``pv_dtype='fp16'``, FP16 in V's own [L, D] layout;
 - ``_attn_fwd_kernel``: K and V^T tiles by TMA on sm90, INT8 QK^T (int32 accumulation), dequantize (exact int->float;
-  with per-thread/per-warp K scales one FFMA per score gives the exp2 argument), online softmax in base 2, P~ * 448 -> FP8, FP8 PV into a FRESH accumulator per KV block added into FP32
+  with per-thread/per-warp K scales one FFMA per score gives the exp2 argument), online softmax in base 2, P~ * 448 -> FP8,
+  FP8 PV into a FRESH accumulator per KV block added into FP32 (FP16 P~ and V: one running FP32 accumulator, which
+  the FP16 MMA keeps at full precision)
   (never ``acc = tl.dot(p, v, acc)``: Triton lets an FP8 dot keep Hopper's ~13-bit running accumulator,
   which lost ~5% rel-L1 in a measurement; see ../../../../shared/research/sageattention.md section 7).
 
@@ -99,6 +103,17 @@ def _round_half_away(x):
 
 
 @triton.jit
+def _mul_rn(a, b, EMULATE: tl.constexpr):
+    """a * b rounded on its own (``mul.rn`` is never contracted into an FMA with the rounding's + 0.5), for a
+    kernel that keeps FMA contraction on elsewhere. a and b have one shape."""
+    if EMULATE:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _group_amax(row_amax, RULE: tl.constexpr, GROUP: tl.constexpr, TILE: tl.constexpr):
     """Max of ``row_amax`` [TILE] over each token's scale group, broadcast back to [TILE]."""
     if RULE == 0:  # contiguous groups of GROUP tokens
@@ -116,59 +131,132 @@ def _group_amax(row_amax, RULE: tl.constexpr, GROUP: tl.constexpr, TILE: tl.cons
 
 
 @triton.jit
-def _kv_stats_kernel(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, L, D, HK,
-                     s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                     TILE: tl.constexpr, D_P: tl.constexpr):
-    """Per 128-token chunk: column sums of K and V, column max and min of V."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    rows = chunk * TILE + tl.arange(0, TILE)
-    cols = tl.arange(0, D_P)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    k = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :], mask=mask, other=0.0)
-    v = tl.load(v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :], mask=mask, other=0.0)
-    v = v.to(tl.float32)
-    out = (bh * tl.num_programs(0) + chunk) * D_P + cols
-    tl.store(ksum_ptr + out, tl.sum(k.to(tl.float32), axis=0))
-    tl.store(vsum_ptr + out, tl.sum(v, axis=0))
-    tl.store(vmax_ptr + out, tl.max(tl.where(mask, v, float("-inf")), axis=0))
-    tl.store(vmin_ptr + out, tl.min(tl.where(mask, v, float("inf")), axis=0))
-
-
-@triton.jit
-def _quant_q_kernel(q_ptr, q8_ptr, qs_ptr, qmean_ptr, L, D, H, L_PAD, N_SMOOTH, c,
-                    s_qb, s_qh, s_ql,
-                    RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr,
-                    TILE: tl.constexpr, D_P: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+def _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, bh, L, D, H, L_PAD, N_SMOOTH, c, s_qb, s_qh, s_ql,
+                  RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr, EVEN: tl.constexpr,
+                  TILE: tl.constexpr, D_P: tl.constexpr):
+    """Q tile -> Q * c (c = sm_scale * log2(e)), optionally minus its mean, INT8 per group.
+    EVEN: L is a multiple of TILE and D == D_P, so no masks are needed."""
     b = bh // H
     h = bh % H
     rows = tile * TILE + tl.arange(0, TILE)
     cols = tl.arange(0, D_P)
-    valid = rows < L
-    mask = valid[:, None] & (cols[None, :] < D)
-    x = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + cols[None, :], mask=mask, other=0.0)
+    mask = (rows[:, None] < L) & (cols[None, :] < D)
+    src = q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + cols[None, :]
+    if EVEN:
+        x = tl.load(src)
+    else:
+        x = tl.load(src, mask=mask, other=0.0)
     x = x.to(tl.float32) * c
     if SMOOTH:  # TILE == Q_SMOOTH_BLOCK: one mean per program
         count = tl.minimum(L - tile * TILE, TILE).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
         tl.store(qmean_ptr + (bh * N_SMOOTH + tile) * D_P + cols, mean)
-        x = tl.where(mask, x - mean[None, :], 0.0)
+        if EVEN:
+            x = x - mean[None, :]
+        else:
+            x = tl.where(mask, x - mean[None, :], 0.0)
     amax = _group_amax(tl.max(tl.abs(x), axis=1), RULE, GROUP, TILE)
     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
-    q8 = _round_half_away(tl.math.div_rn(x, scale[:, None]))
+    inv = tl.math.div_rn(1.0, scale)        # one correctly rounded division per token, then multiplies
+    q8 = _round_half_away(x * inv[:, None])
     tl.store(q8_ptr + (bh * L_PAD + rows[:, None]) * D_P + cols[None, :], q8)
     tl.store(qs_ptr + bh * L_PAD + rows, scale)
 
 
 @triton.jit
-def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vscale_ptr, k8_ptr, ks_ptr, vt_ptr, L, D, HK, L_PAD,
+def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, chunk, bh, L, D, HK, N_CHUNKS,
+                   s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
+    """One 128-token chunk: column sums of K and V, column max and min of V."""
+    b = bh // HK
+    h = bh % HK
+    rows = chunk * TILE + tl.arange(0, TILE)
+    cols = tl.arange(0, D_P)
+    mask = (rows[:, None] < L) & (cols[None, :] < D)
+    k_src = k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :]
+    v_src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :]
+    out = (bh * N_CHUNKS + chunk) * D_P + cols
+    if EVEN:
+        k = tl.load(k_src)
+        v = tl.load(v_src).to(tl.float32)
+        v_hi = v
+        v_lo = v
+    else:
+        k = tl.load(k_src, mask=mask, other=0.0)
+        v = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
+        v_hi = tl.where(mask, v, float("-inf"))
+        v_lo = tl.where(mask, v, float("inf"))
+    tl.store(ksum_ptr + out, tl.sum(k.to(tl.float32), axis=0))
+    tl.store(vsum_ptr + out, tl.sum(v, axis=0))
+    tl.store(vmax_ptr + out, tl.max(v_hi, axis=0))
+    tl.store(vmin_ptr + out, tl.min(v_lo, axis=0))
+
+
+@triton.jit
+def _quant_q_and_kv_stats_kernel(q_ptr, q8_ptr, qs_ptr, qmean_ptr, k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr,
+                                 vmin_ptr, LQ, LK, D, H, HK, LQ_PAD, N_SMOOTH, N_Q_TILES, N_CHUNKS, N_QHEADS, c,
+                                 s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                                 RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr,
+                                 EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
+    """The first pass, one launch: programs (tile, head < B*H) quantize Q; programs (chunk, B*H + head) gather
+    the K/V statistics. Q needs no global statistic, so it is done while K and V are read for their means."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    if head < N_QHEADS:
+        if tile < N_Q_TILES:
+            _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, head, LQ, D, H, LQ_PAD, N_SMOOTH, c,
+                          s_qb, s_qh, s_ql, RULE, GROUP, SMOOTH, EVEN_Q, TILE, D_P)
+    else:
+        if tile < N_CHUNKS:
+            _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, tile, head - N_QHEADS, LK, D, HK,
+                           N_CHUNKS, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN_K, TILE, D_P)
+
+
+@triton.jit
+def _kv_finalize_kernel(ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, kmean_ptr, vmean_ptr, vscale_ptr, vinv_ptr,
+                        LK, N_CHUNKS, v_range,
+                        SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, K_GIVEN: tl.constexpr,
+                        V_GIVEN: tl.constexpr, CH: tl.constexpr, DC: tl.constexpr, D_P: tl.constexpr):
+    """Per head and DC channels: reduce the chunk statistics -> K mean, V mean, V scale and its reciprocal.
+
+    max |V - mean| per channel comes from the column max and min (float rounding is monotonic, so it equals
+    the twin's max over tokens bit for bit). ``*_GIVEN``: the caller wrote that mean (tests)."""
+    bh = tl.program_id(0)
+    cols = tl.program_id(1) * DC + tl.arange(0, DC)
+    ksum = tl.zeros([DC], tl.float32)
+    vsum = tl.zeros([DC], tl.float32)
+    vhi = tl.full([DC], float("-inf"), tl.float32)
+    vlo = tl.full([DC], float("inf"), tl.float32)
+    for c0 in range(0, N_CHUNKS, CH):
+        chunks = c0 + tl.arange(0, CH)
+        keep = (chunks < N_CHUNKS)[:, None]
+        off = (bh * N_CHUNKS + chunks[:, None]) * D_P + cols[None, :]
+        if SMOOTH_K and not K_GIVEN:
+            ksum += tl.sum(tl.load(ksum_ptr + off, mask=keep, other=0.0), axis=0)
+        if SMOOTH_V and not V_GIVEN:
+            vsum += tl.sum(tl.load(vsum_ptr + off, mask=keep, other=0.0), axis=0)
+        vhi = tl.maximum(vhi, tl.max(tl.load(vmax_ptr + off, mask=keep, other=float("-inf")), axis=0))
+        vlo = tl.minimum(vlo, tl.min(tl.load(vmin_ptr + off, mask=keep, other=float("inf")), axis=0))
+    if SMOOTH_K and not K_GIVEN:
+        tl.store(kmean_ptr + bh * D_P + cols, ksum / LK)
+    centre = tl.zeros([DC], tl.float32)
+    if SMOOTH_V:
+        if V_GIVEN:
+            centre = tl.load(vmean_ptr + bh * D_P + cols)
+        else:
+            centre = vsum / LK
+            tl.store(vmean_ptr + bh * D_P + cols, centre)
+    absmax = tl.maximum(vhi - centre, centre - vlo)
+    scale = tl.math.div_rn(tl.maximum(absmax, 1e-12), v_range)
+    tl.store(vscale_ptr + bh * D_P + cols, scale)
+    tl.store(vinv_ptr + bh * D_P + cols, tl.math.div_rn(1.0, scale))
+
+
+@triton.jit
+def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_ptr, vq_ptr, L, D, HK, L_PAD,
                      s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                      RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr, SMOOTH_V: tl.constexpr,
-                     EMULATE_FP8: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
+                     V_FP16: tl.constexpr, EMULATE_FP8: tl.constexpr, EVEN: tl.constexpr, TILE: tl.constexpr,
+                     D_P: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
@@ -176,32 +264,47 @@ def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vscale_ptr, k8_ptr, ks_
     rows = tile * TILE + tl.arange(0, TILE)
     cols = tl.arange(0, D_P)
     mask = (rows[:, None] < L) & (cols[None, :] < D)
-    k = tl.load(k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :], mask=mask, other=0.0)
-    k = k.to(tl.float32)
+    k_src = k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :]
+    v_src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :]
+    if EVEN:
+        k = tl.load(k_src).to(tl.float32)
+    else:
+        k = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
     if SMOOTH:
-        k = tl.where(mask, k - tl.load(kmean_ptr + bh * D_P + cols)[None, :], 0.0)
+        k = k - tl.load(kmean_ptr + bh * D_P + cols)[None, :]
+        if not EVEN:   # padding stays zero (the group absmax and the padded tiles)
+            k = tl.where(mask, k, 0.0)
     amax = _group_amax(tl.max(tl.abs(k), axis=1), RULE, GROUP, TILE)
     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
-    k8 = _round_half_away(tl.math.div_rn(k, scale[:, None]))
+    inv = tl.math.div_rn(1.0, scale)        # one correctly rounded division per token, then multiplies
+    k8 = _round_half_away(k * inv[:, None])
     tl.store(k8_ptr + (bh * L_PAD + rows[:, None]) * D_P + cols[None, :], k8)
     tl.store(ks_ptr + bh * L_PAD + rows, scale)
-    v = tl.load(v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :], mask=mask, other=0.0)
-    v = v.to(tl.float32)
+    if EVEN:
+        v = tl.load(v_src).to(tl.float32)
+    else:
+        v = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
     if SMOOTH_V:
-        v = tl.where(mask, v - tl.load(vmean_ptr + bh * D_P + cols)[None, :], 0.0)
-    v_scale = tl.load(vscale_ptr + bh * D_P + cols)
-    v8 = _to_e4m3(tl.math.div_rn(v, v_scale[None, :]), EMULATE_FP8)
-    # transposed ([D, L]) and, inside every 16 keys, in the order the attention kernel lays out P (_key_slot);
-    # reordered in registers so that each channel's keys are stored contiguously (16-byte stores)
-    v8 = _p_order(tl.trans(v8), D_P, TILE)
-    tl.store(vt_ptr + (bh * D_P + cols[:, None]) * L_PAD + rows[None, :], v8)
+        v = v - tl.load(vmean_ptr + bh * D_P + cols)[None, :]
+        if not EVEN:
+            v = tl.where(mask, v, 0.0)
+    v = v * tl.load(vinv_ptr + bh * D_P + cols)[None, :]
+    if V_FP16:  # FP16 PV: V in its natural [L, D] layout (16-bit wgmma operands need no reordering)
+        tl.store(vq_ptr + (bh * L_PAD + rows[:, None]) * D_P + cols[None, :], v.to(tl.float16))
+    else:
+        v8 = _to_e4m3(v, EMULATE_FP8)
+        # transposed ([D, L]) and, inside every 16 keys, in the order the attention kernel lays out P (_key_slot);
+        # reordered in registers so that each channel's keys are stored contiguously (16-byte stores)
+        v8 = _p_order(tl.trans(v8), D_P, TILE)
+        tl.store(vq_ptr + (bh * D_P + cols[:, None]) * L_PAD + rows[None, :], v8)
 
 
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows, L_K, L_PAD, k_row, vt_row,
                 USE_TMA: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, ACCUM: tl.constexpr,
                 EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
-                I2F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr):
+                I2F: tl.constexpr, V_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D_P: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_P)
     if USE_TMA:   # k_base, vt_base: tensor descriptors of K [B*Hk*LK_PAD, D_P] and V^T [B*Hk*D_P, LK_PAD]
@@ -261,31 +364,41 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n
         p = _exp2(arg, EXP2_FTZ)
     alpha = _exp2(m_i - m_safe, EXP2_FTZ)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
-    p = _p_order(p, BLOCK_M, BLOCK_N)       # V^T is stored in the same key order
-    if EXP2_FP16 and not EMULATE_FP8:
-        p8 = p.to(tl.float8e4nv)
+    if V_FP16:   # 16-bit PV: P~ in FP16 keeps the accumulator layout; V [L, D] in natural key order
+        pa = p.to(tl.float16)
+        if USE_TMA:
+            vb = vt_base.load([k_row + start_n, 0])                         # [BLOCK_N, D_P]
+        else:
+            vb = tl.load(vt_base + cols[:, None] * D_P + dims[None, :])
     else:
-        p8 = _to_e4m3(p.to(tl.float32), EMULATE_FP8)
-    if USE_TMA:
-        vt = vt_base.load([vt_row, start_n])                                # [D_P, BLOCK_N], keys contiguous
-    else:
-        vt = tl.load(vt_base + dims[:, None] * L_PAD + cols[None, :])
-    if ACCUM == 0:    # two-level: fresh FP32 accumulator per KV block
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
-    elif ACCUM == 1:  # single running accumulator (the ablation)
-        acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
-    else:             # SageAttention2++: FP16 accumulator per KV block
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt), out_dtype=tl.float16).to(tl.float32)
+        p = _p_order(p, BLOCK_M, BLOCK_N)       # V^T is stored in the same key order
+        if EXP2_FP16 and not EMULATE_FP8:
+            pa = p.to(tl.float8e4nv)
+        else:
+            pa = _to_e4m3(p.to(tl.float32), EMULATE_FP8)
+        if USE_TMA:
+            vt = vt_base.load([vt_row, start_n])                            # [D_P, BLOCK_N], keys contiguous
+        else:
+            vt = tl.load(vt_base + dims[:, None] * L_PAD + cols[None, :])
+        vb = tl.trans(vt)
+    if ACCUM == 0 and not V_FP16:   # two-level: fresh FP32 accumulator per KV block
+        acc = acc * alpha[:, None] + tl.dot(pa, vb)
+    elif ACCUM == 2:  # SageAttention2++: FP16 accumulator per KV block
+        acc = acc * alpha[:, None] + tl.dot(pa, vb, out_dtype=tl.float16).to(tl.float32)
+    else:             # one running accumulator: the FP8 ablation; for FP16 operands the MMA accumulates in
+        acc = tl.dot(pa, vb, acc * alpha[:, None])     # full FP32, so this is the two-level arithmetic
     return acc, l_i, m_safe
 
 
 @triton.jit
 def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_ptr, o_ptr, lse_ptr,
                      L_Q, L_K, LQ_PAD, LK_PAD, H, HK, D, N_SMOOTH,
-                     s_ob, s_oh, s_ol,
+                     s_ob, s_oh, s_ol, s_qb, s_qh, s_ql, c,
+                     FUSE_Q: tl.constexpr, Q_RULE: tl.constexpr, Q_GROUP: tl.constexpr, Q_FULL_D: tl.constexpr,
                      USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr, ACCUM: tl.constexpr,
                      EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
-                     I2F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_P: tl.constexpr, Q_SMOOTH: tl.constexpr):
+                     I2F: tl.constexpr, V_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     D_P: tl.constexpr, Q_SMOOTH: tl.constexpr):
     if IS_CAUSAL:   # the longest rows (the last query blocks) first, so the final wave is made of short ones
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     else:
@@ -296,14 +409,26 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
     bhk = b * HK + h // (H // HK)
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_P)
-    q = tl.load(q8_ptr + (bh * LQ_PAD + rows[:, None]) * D_P + dims[None, :])
-    qs = tl.load(qs_ptr + bh * LQ_PAD + rows)
+    if FUSE_Q:   # q8_ptr is the caller's Q: quantize this tile here (the twin's quantize_q, same arithmetic)
+        if Q_FULL_D:    # no column mask: the row mask alone keeps 16-byte loads
+            q_mask = (rows[:, None] < L_Q) & (dims[None, :] < D_P)
+        else:
+            q_mask = (rows[:, None] < L_Q) & (dims[None, :] < D)
+        x = tl.load(q8_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + dims[None, :], mask=q_mask, other=0.0)
+        x = x.to(tl.float32) * c
+        amax = _group_amax(tl.max(tl.abs(x), axis=1), Q_RULE, Q_GROUP, BLOCK_M)
+        qs = tl.math.div_rn(tl.maximum(amax, 1e-12), 127.0)
+        inv = tl.broadcast_to(tl.expand_dims(tl.math.div_rn(1.0, qs), 1), (BLOCK_M, D_P))
+        q = _round_half_away(_mul_rn(x, inv, EMULATE_FP8))
+    else:
+        q = tl.load(q8_ptr + (bh * LQ_PAD + rows[:, None]) * D_P + dims[None, :])
+        qs = tl.load(qs_ptr + bh * LQ_PAD + rows)
     k_row = bhk * LK_PAD        # first row of this head in the K / V^T descriptors (TMA)
     vt_row = bhk * D_P
     if USE_TMA:
         k_base = k8_ptr
         vt_base = vt_ptr
-    else:
+    else:   # V^T [D_P, LK_PAD] (FP8) or V [LK_PAD, D_P] (FP16): the same number of elements per head
         k_base = k8_ptr + bhk * LK_PAD * D_P
         vt_base = vt_ptr + bhk * D_P * LK_PAD
     ks_base = ks_ptr + bhk * LK_PAD
@@ -320,11 +445,11 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
                                     L_K, LK_PAD, k_row, vt_row, USE_TMA, False, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
-                                    EMULATE_FP8, GROUP4, I2F, BLOCK_M, BLOCK_N, D_P)
+                                    EMULATE_FP8, GROUP4, I2F, V_FP16, BLOCK_M, BLOCK_N, D_P)
     for start_n in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
                                     L_K, LK_PAD, k_row, vt_row, USE_TMA, True, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
-                                    EMULATE_FP8, GROUP4, I2F, BLOCK_M, BLOCK_N, D_P)
+                                    EMULATE_FP8, GROUP4, I2F, V_FP16, BLOCK_M, BLOCK_N, D_P)
     inv_l = 1.0 / l_i
     v_scale = tl.load(vs_ptr + bhk * D_P + dims)
     out = acc * inv_l[:, None] * v_scale[None, :]
@@ -377,15 +502,24 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, config: SageConfig,
-                    *, k_mean: torch.Tensor | None = None, v_mean: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor | None]:
-    """Run the three quantization kernels on [B, H, L, D] views. Returns padded buffers (see module doc).
+# launch settings of the quantization kernels (NOTES_sage.md v5): warps per program
+QUANT_WARPS = {"first_pass": 4, "finalize": 4, "kv": 4}
 
+
+def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, config: SageConfig,
+                    *, k_mean: torch.Tensor | None = None, v_mean: torch.Tensor | None = None,
+                    warps: dict[str, int] | None = None, quantize_q: bool = True) -> dict[str, torch.Tensor | None]:
+    """Quantize [B, H, L, D] views in three launches. Returns padded buffers (see module doc).
+
+    1. one kernel quantizes Q and gathers per-chunk K/V statistics (sums, V max/min);
+    2. a small kernel reduces them to the K mean, V mean, V scale and its reciprocal;
+    3. one kernel quantizes K and V (V^T in FP8 with the key order of ``key_slots``, or V in FP16).
     ``k_mean``/``v_mean`` ([B, Hk, 1, D]) override the computed means (tests use them to compare with the
-    twin bit for bit; the kernels sum in another order than torch.mean).
+    twin bit for bit; the kernels sum in another order than torch.mean). ``warps`` overrides QUANT_WARPS.
+    ``quantize_q=False`` leaves Q to the attention kernel (``q8`` None; ``q_src`` and ``q_c`` instead).
     """
     _patch_interpreter_scalar_index()
+    nw = dict(QUANT_WARPS, **(warps or {}))
     bsz, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     d_p = padded_head_dim(d)
@@ -393,44 +527,61 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     dev = q.device
     emulate = triton_interpreter_on()
     (q_rule, q_group), (k_rule, k_group) = _RULES[config.qk_granularity]
-    n_chunks = lk_pad // TOKEN_TILE
-    ksum = torch.empty(bsz * hk, n_chunks, d_p, device=dev, dtype=torch.float32)
-    vsum, vmax, vmin = torch.empty_like(ksum), torch.empty_like(ksum), torch.empty_like(ksum)
-    _kv_stats_kernel[(n_chunks, bsz * hk)](k, v, ksum, vsum, vmax, vmin, lk, d, hk, k.stride(0), k.stride(1), k.stride(2),
-                                           v.stride(0), v.stride(1), v.stride(2), TILE=TOKEN_TILE, D_P=d_p)
-    if config.smooth_k and k_mean is None:
-        k_mean = ksum.sum(dim=1) / lk                                    # [B*Hk, D_P]
-    elif k_mean is not None:
-        k_mean = torch.nn.functional.pad(k_mean.reshape(bsz * hk, d).float(), (0, d_p - d))
-    if config.smooth_v and v_mean is None:
-        v_mean = vsum.sum(dim=1) / lk                                    # [B*Hk, D_P]
-    elif v_mean is not None:
-        v_mean = torch.nn.functional.pad(v_mean.reshape(bsz * hk, d).float(), (0, d_p - d))
-    # max |V - mean| per channel from the column max and min (float rounding is monotonic, so this equals
-    # the twin's max over tokens bit for bit)
-    v_hi, v_lo = vmax.amax(dim=1), vmin.amin(dim=1)
-    centre = v_mean if v_mean is not None else torch.zeros_like(v_hi)
-    v_absmax = torch.maximum(v_hi - centre, centre - v_lo)
-    v_scale = v_absmax.clamp_min(SCALE_FLOOR) / fp32_scalar(config.resolved_v_scale_max)
+    n_chunks, n_q_tiles = lk_pad // TOKEN_TILE, lq_pad // TOKEN_TILE
     n_smooth = lq_pad // Q_SMOOTH_BLOCK
-    q8 = torch.empty(bsz * hq, lq_pad, d_p, device=dev, dtype=torch.int8)
-    q_scale = torch.empty(bsz * hq, lq_pad, device=dev, dtype=torch.float32)
-    q_mean = torch.empty(bsz * hq, n_smooth, d_p, device=dev, dtype=torch.float32) if config.smooth_q else None
-    _quant_q_kernel[(lq_pad // TOKEN_TILE, bsz * hq)](
-        q, q8, q_scale, q_mean if q_mean is not None else q_scale, lq, d, hq, lq_pad, n_smooth,
-        sm_scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
-        RULE=q_rule, GROUP=q_group, SMOOTH=config.smooth_q, TILE=TOKEN_TILE, D_P=d_p)
+    f32 = dict(device=dev, dtype=torch.float32)
+    ksum = torch.empty(bsz * hk, n_chunks, d_p, **f32)
+    vsum, vmax, vmin = torch.empty_like(ksum), torch.empty_like(ksum), torch.empty_like(ksum)
+    if quantize_q:
+        q8 = torch.empty(bsz * hq, lq_pad, d_p, device=dev, dtype=torch.int8)
+        q_scale = torch.empty(bsz * hq, lq_pad, **f32)
+    elif config.smooth_q:
+        raise ValueError("Q smoothing needs the Q quantizer (its block means): quantize_q=False is not allowed")
+    else:   # placeholders of the right types; the first pass then only gathers K/V statistics
+        q8 = torch.empty(1, device=dev, dtype=torch.int8)
+        q_scale = torch.empty(1, **f32)
+    q_heads = bsz * hq if quantize_q else 0
+    q_mean = torch.empty(bsz * hq, n_smooth, d_p, **f32) if config.smooth_q else None
+    # no FMA contraction in the quantizers: x * inv + 0.5 must round twice, as in the twin
+    _quant_q_and_kv_stats_kernel[(max(n_q_tiles if quantize_q else 0, n_chunks), q_heads + bsz * hk)](
+        q, q8, q_scale, q_mean if q_mean is not None else q_scale, k, v, ksum, vsum, vmax, vmin,
+        lq, lk, d, hq, hk, lq_pad, n_smooth, n_q_tiles, n_chunks, q_heads, sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        RULE=q_rule, GROUP=q_group, SMOOTH=config.smooth_q, EVEN_Q=lq % TOKEN_TILE == 0 and d == d_p,
+        EVEN_K=lk % TOKEN_TILE == 0 and d == d_p, TILE=TOKEN_TILE, D_P=d_p,
+        num_warps=nw["first_pass"], enable_fp_fusion=False)
+    k_given, v_given = k_mean is not None, v_mean is not None
+    kmean_buf = torch.empty(bsz * hk, d_p, **f32)   # written by the finalize kernel unless given
+    vmean_buf = torch.empty(bsz * hk, d_p, **f32)
+    if k_given:
+        kmean_buf.zero_()[:, :d] = k_mean.reshape(bsz * hk, d).float()
+    if v_given:
+        vmean_buf.zero_()[:, :d] = v_mean.reshape(bsz * hk, d).float()
+    v_scale, v_inv = torch.empty(bsz * hk, d_p, **f32), torch.empty(bsz * hk, d_p, **f32)
+    _kv_finalize_kernel[(bsz * hk, d_p // 32)](
+        ksum, vsum, vmax, vmin, kmean_buf, vmean_buf, v_scale, v_inv, lk, n_chunks,
+        float(config.resolved_v_scale_max),
+        SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, K_GIVEN=k_given, V_GIVEN=v_given, CH=64, DC=32,
+        D_P=d_p, num_warps=nw["finalize"])
     k8 = torch.empty(bsz * hk, lk_pad, d_p, device=dev, dtype=torch.int8)
-    k_scale = torch.empty(bsz * hk, lk_pad, device=dev, dtype=torch.float32)
-    v_t = torch.empty(bsz * hk, d_p, lk_pad, device=dev, dtype=torch.float8_e4m3fn)
-    _quant_kv_kernel[(lk_pad // TOKEN_TILE, bsz * hk)](
-        k, v, k_mean if k_mean is not None else v_scale, v_mean if v_mean is not None else v_scale, v_scale,
-        k8, k_scale, v_t, lk, d, hk, lk_pad,
+    k_scale = torch.empty(bsz * hk, lk_pad, **f32)
+    fp16_v = config.pv_dtype == "fp16"
+    if fp16_v:
+        v_q = torch.empty(bsz * hk, lk_pad, d_p, device=dev, dtype=torch.float16)
+    else:
+        v_q = torch.empty(bsz * hk, d_p, lk_pad, device=dev, dtype=torch.float8_e4m3fn)
+    _quant_kv_kernel[(n_chunks, bsz * hk)](
+        k, v, kmean_buf, vmean_buf, v_inv, k8, k_scale, v_q, lk, d, hk, lk_pad,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        RULE=k_rule, GROUP=k_group, SMOOTH=config.smooth_k, SMOOTH_V=config.smooth_v, EMULATE_FP8=emulate,
-        TILE=TOKEN_TILE, D_P=d_p)
-    return dict(q8=q8, q_scale=q_scale, q_mean=q_mean, k8=k8, k_scale=k_scale, v_t=v_t, v_scale=v_scale,
-                k_mean=k_mean if config.smooth_k else None, v_mean=v_mean if config.smooth_v else None)
+        RULE=k_rule, GROUP=k_group, SMOOTH=config.smooth_k, SMOOTH_V=config.smooth_v, V_FP16=fp16_v,
+        EMULATE_FP8=emulate, EVEN=lk % TOKEN_TILE == 0 and d == d_p, TILE=TOKEN_TILE, D_P=d_p,
+        num_warps=nw["kv"], enable_fp_fusion=False)
+    if not quantize_q:
+        q8 = q_scale = None
+    return dict(q8=q8, q_scale=q_scale, q_mean=q_mean, q_src=q, q_c=sm_scale * LOG2E, k8=k8, k_scale=k_scale,
+                v_t=None if fp16_v else v_q, v16=v_q if fp16_v else None, v_scale=v_scale,
+                k_mean=kmean_buf if config.smooth_k else None, v_mean=vmean_buf if config.smooth_v else None)
 
 
 def _delta_s(q_mean: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor | None, bsz: int, hq: int,
@@ -465,7 +616,7 @@ def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq
     """
     bsz, hq, d = out.shape[0], out.shape[1], out.shape[3]
     hk = buffers["k8"].shape[0] // bsz
-    lq_pad, lk_pad, d_p = buffers["q8"].shape[1], buffers["k8"].shape[1], buffers["q8"].shape[2]
+    lq_pad, lk_pad, d_p = _round_up(lq, TOKEN_TILE), buffers["k8"].shape[1], buffers["k8"].shape[2]
     lse2 = torch.empty(bsz, hq, lq, device=out.device, dtype=torch.float32)
     accum = {"fp32+fp32": 0, "fp32": 1, "fp32+fp16": 2}[config.pv_accumulation]
     grid = (triton.cdiv(lq, config.block_m), bsz * hq)
@@ -473,7 +624,9 @@ def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq
         num_warps = 4 if config.block_m <= 64 else 8
     if use_tma is None:   # TMA (Hopper's bulk tensor copies) for the K and V tiles; rows of at most 128 bytes
         use_tma = d_p <= 128 and (triton_interpreter_on() or torch.cuda.get_device_capability(out.device)[0] >= 9)
-    if num_stages is None and maxnreg is None and use_tma and d_p == 128 and config.block_m == 64 and num_warps == 4:
+    fp16_v = config.pv_dtype == "fp16"
+    if num_stages is None and maxnreg is None and use_tma and d_p == 128 and config.block_m == 64 and num_warps == 4 \
+            and not fp16_v:
         # two K/V stages (75 KB of shared memory) and at most 168 registers (no spills with TMA loads): three
         # programs per SM instead of two, so one program's softmax overlaps the others' MMAs (NOTES_sage.md v4)
         num_stages, maxnreg = 2, 168
@@ -487,25 +640,55 @@ def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq
         raise ValueError(f"group4=True needs qk_granularity 'per_thread' or 'per_warp' without smooth_q, got "
                          f"{config.qk_granularity!r}, smooth_q={config.smooth_q}")
     extra = {} if maxnreg is None else dict(maxnreg=maxnreg)
-    k8, v_t = buffers["k8"], buffers["v_t"]
+    k8, v_q = buffers["k8"], buffers["v16"] if fp16_v else buffers["v_t"]
+    if v_q is None:
+        raise ValueError(f"the buffers were quantized for another pv_dtype than {config.pv_dtype!r}")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         k_arg = TensorDescriptor.from_tensor(k8.view(-1, d_p), [config.block_n, d_p])
-        v_arg = TensorDescriptor.from_tensor(v_t.view(-1, lk_pad), [d_p, config.block_n])
+        if fp16_v:
+            v_arg = TensorDescriptor.from_tensor(v_q.view(-1, d_p), [config.block_n, d_p])
+        else:
+            v_arg = TensorDescriptor.from_tensor(v_q.view(-1, lk_pad), [d_p, config.block_n])
     else:
-        k_arg, v_arg = k8, v_t
+        k_arg, v_arg = k8, v_q
+    fuse_q = buffers["q8"] is None
+    if fuse_q:   # Q is quantized inside the attention kernel
+        q_src = buffers["q_src"]
+        q_args = (q_src, buffers["k_scale"])
+        q_strides = (q_src.stride(0), q_src.stride(1), q_src.stride(2), buffers["q_c"])
+    else:
+        q_args = (buffers["q8"], buffers["q_scale"])
+        q_strides = (0, 0, 0, 1.0)
+    (q_rule, q_group), _ = _RULES[config.qk_granularity]
     _attn_fwd_kernel[grid](
-        buffers["q8"], buffers["q_scale"], k_arg, buffers["k_scale"], v_arg, buffers["v_scale"],
+        *q_args, k_arg, buffers["k_scale"], v_arg, buffers["v_scale"],
         buffers["v_mean"] if buffers["v_mean"] is not None else buffers["v_scale"],
-        delta_s if delta_s is not None else buffers["q_scale"], out, lse2,
+        delta_s if delta_s is not None else buffers["k_scale"], out, lse2,
         lq, lk, lq_pad, lk_pad, hq, hk, d, lq_pad // Q_SMOOTH_BLOCK,
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), *q_strides,
+        FUSE_Q=fuse_q, Q_RULE=q_rule, Q_GROUP=q_group, Q_FULL_D=d == d_p,
         USE_TMA=use_tma, IS_CAUSAL=is_causal, SMOOTH_Q=config.smooth_q, SMOOTH_V=config.smooth_v, ACCUM=accum,
-        EXP2_FP16=config.exp2_fp16, EXP2_FTZ=exp2_ftz and not triton_interpreter_on(), EMULATE_FP8=triton_interpreter_on(), GROUP4=group4, I2F=i2f,
+        EXP2_FP16=config.exp2_fp16, EXP2_FTZ=exp2_ftz and not triton_interpreter_on(), EMULATE_FP8=triton_interpreter_on(), GROUP4=group4, I2F=i2f, V_FP16=fp16_v,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_P=d_p, Q_SMOOTH=Q_SMOOTH_BLOCK, num_warps=num_warps,
         num_stages=num_stages, **extra)
     return lse2
+
+
+FUSE_Q = True   # quantize Q inside the attention kernel where it pays (see q_in_kernel)
+
+
+def q_in_kernel(config: SageConfig, head_dim: int, fuse_q: bool | None = None) -> bool:
+    """Whether the attention kernel quantizes Q itself: Q's scale groups must lie inside one query block
+    (not ``per_block``'s 128 tokens), no Q mean is needed (no ``smooth_q``), and the padded head dim is 128.
+    At 128 the kernel is capped at 168 registers anyway and the Q prologue fits under the cap; at 64 it
+    raises the kernel from 128 to 168 registers (4 -> 3 programs per SM) and measured 5% slower on the H200
+    (NOTES_sage.md v5), so there Q keeps its own quantizer. The FP16-PV kernel (no register cap, 2 programs
+    per SM) measured 35-45% slower with the Q prologue, so it keeps the separate quantizer too."""
+    fuse_q = FUSE_Q if fuse_q is None else fuse_q
+    return (fuse_q and config.qk_granularity != "per_block" and not config.smooth_q
+            and config.pv_dtype == "fp8" and padded_head_dim(head_dim) == 128)
 
 
 def sage_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *,
@@ -517,7 +700,7 @@ def sage_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     """
     bsz, hq, lq, d = q.shape
     lk = k.shape[2]
-    buffers = quantize_triton(q, k, v, sm_scale, config)
+    buffers = quantize_triton(q, k, v, sm_scale, config, quantize_q=not q_in_kernel(config, d))
     delta = None
     if config.smooth_q:
         delta = _delta_s(buffers["q_mean"], k, buffers["k_mean"], bsz, hq, buffers["k8"].shape[1])

@@ -122,6 +122,27 @@ def test_zero_mean_v_is_bounded_by_e4m3_resolution():
     assert rel_l1(out, ref) <= TOL["zero_mean_v_rel_l1_max"]
 
 
+def test_fp16_pv_lifts_the_zero_mean_v_floor():
+    # with P~ and V in FP16 the output keeps ~10 mantissa bits: the floors hold on zero-mean V too
+    q, k, v = make_qkv(v_bias=0.0, lq=384, lk=384)
+    ref, _ = _ref64(q, k, v)
+    out = sage_attention(q, k, v, config=SageConfig.from_preset("sage2_pv16", kernel="torch"))
+    fp8 = sage_attention(q, k, v, config=TWIN)
+    assert cos_sim(out, ref) >= TOL["cos_sim_min"] and rel_l1(out, ref) <= TOL["rel_l1_max"]
+    assert rel_l1(out, ref) < 0.5 * rel_l1(fp8, ref)
+
+
+def test_quantizers_multiply_by_the_reciprocal_scale():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 32, generator=g) * 3
+    gid = group_index(64, ("contiguous", 16))
+    q8, scale = int8_by_groups(x, gid)
+    expect = round_half_away(x * torch.reciprocal(scale).unsqueeze(-1)).clamp(-127, 127)
+    assert torch.equal(q8.float(), expect)
+    v16, vs = quantize_v(x.to(torch.bfloat16).unsqueeze(0), 448.0, None, "fp16")
+    assert v16.dtype == torch.float16 and v16.float().abs().amax(dim=-2).max() == 448.0
+
+
 # ------------------------------------------------------------------ ablations: each trick must matter
 
 def _err(cfg, **case):
@@ -158,7 +179,7 @@ def test_finer_granularity_is_not_worse():
     assert _err(TWIN.replace(qk_granularity="per_token"), **case) <= per_block
 
 
-@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token"])
+@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token", "sage2_pv16"])
 def test_presets_meet_the_floors(preset):
     q, k, v = make_qkv(lq=256, lk=256)
     out = sage_attention(q, k, v, config=SageConfig.from_preset(preset, kernel="torch"))
@@ -239,6 +260,9 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="exceeds the FP16 maximum"):
         SageConfig(pv_accumulation="fp32+fp16", block_n=128, v_scale_max=2.25)
     assert SageConfig(pv_accumulation="fp32+fp16", block_n=64).resolved_v_scale_max == 2.25
+    with pytest.raises(ConfigError, match="pv_dtype"):
+        SageConfig(pv_dtype="bf16")
+    assert SageConfig.from_preset("sage2_pv16").pv_dtype == "fp16"
     assert SageConfig(pv_accumulation="fp32+fp16", block_n=128).resolved_v_scale_max == 1.0
     assert SageConfig.from_dict(SageConfig.from_preset("sage2pp").to_dict()) == SageConfig.from_preset("sage2pp")
 

@@ -46,6 +46,33 @@ def test_quantizers_equal_the_twin_bit_for_bit(granularity):
     assert not buf["v_t"][:, d:].view(torch.uint8).any() and not buf["v_t"][:, :, slots[lk:]].view(torch.uint8).any()
 
 
+def test_fp16_v_quantizer_equals_the_twin_bit_for_bit():
+    from fewer.attention.sage.triton import quantize_triton
+
+    q, k, v = _qkv(hq=2, hk=1, lq=150, lk=200, d=48)
+    cfg = SageConfig.from_preset("sage2_pv16")
+    v_mean = value_mean(v)
+    buf = quantize_triton(q, k, v, 0.125, cfg, k_mean=key_mean(k), v_mean=v_mean)
+    v16, vs = quantize_v(v, 448.0, v_mean, "fp16")
+    assert buf["v_t"] is None and buf["v16"].dtype == torch.float16
+    assert torch.equal(buf["v_scale"][:, :48].reshape(vs.shape), vs)
+    assert torch.equal(buf["v16"][:, :200, :48].reshape(v16.shape), v16)   # natural [L, D] layout
+    assert not buf["v16"][:, 200:].any() and not buf["v16"][:, :, 48:].any()
+
+
+def test_quantizers_without_smoothing_equal_the_twin():
+    from fewer.attention.sage.triton import quantize_triton
+
+    q, k, v = _qkv(lq=130, lk=130, d=64)
+    cfg = SageConfig(smooth_k=False, smooth_v=False)
+    buf = quantize_triton(q, k, v, 0.125, cfg)
+    k8, ks = quantize_k(k, "per_thread", None)
+    v8, vs = quantize_v(v, 448.0, None)
+    assert buf["k_mean"] is None and buf["v_mean"] is None
+    assert torch.equal(buf["k8"][:, :130].reshape(k8.shape), k8)
+    assert torch.equal(buf["v_scale"].reshape(vs.shape), vs)
+
+
 def test_kernel_means_match_torch():
     from fewer.attention.sage.triton import quantize_triton
 
@@ -91,12 +118,35 @@ def test_attention_kernel_matches_twin(case):
     assert (lse - twin_lse).abs().max() <= TOL["kernel_vs_twin_lse_max_abs"]
 
 
-@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block"])
+@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage2_pv16"])
 def test_presets_match_twin(preset):
     q, k, v = _qkv(lq=150, lk=150, q_outlier=10.0)
     cfg = SageConfig.from_preset(preset)
     out = sage_attention(q, k, v, is_causal=True, config=cfg.replace(kernel="triton"))
     twin = sage_attention(q, k, v, is_causal=True, config=cfg.replace(kernel="torch"))
+    assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
+
+
+@pytest.mark.parametrize("accumulation", ["fp32+fp32", "fp32+fp16"])
+def test_fp16_pv_kernel_matches_twin_gqa_ragged(accumulation):
+    q, k, v = _qkv(hq=4, hk=2, lq=70, lk=300, v_bias=0.0)
+    cfg = SageConfig(pv_dtype="fp16", pv_accumulation=accumulation, block_n=64)
+    out, lse = sage_attention(q, k, v, enable_gqa=True, return_lse=True, config=cfg.replace(kernel="triton"))
+    twin, twin_lse = sage_attention(q, k, v, enable_gqa=True, return_lse=True, config=cfg.replace(kernel="torch"))
+    assert torch.isfinite(out).all()
+    assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
+    assert (lse - twin_lse).abs().max() <= TOL["kernel_vs_twin_lse_max_abs"]
+
+
+def test_fp16_pv_pointer_path_matches_twin():
+    from fewer.attention.sage.triton import attend_triton, quantize_triton
+
+    q, k, v = _qkv(lq=130, lk=200)
+    cfg = SageConfig(kernel="triton", pv_dtype="fp16")
+    buffers = quantize_triton(q, k, v, 0.125, cfg)
+    out = torch.empty_like(q)
+    attend_triton(buffers, out, 130, 200, is_causal=True, config=cfg, use_tma=False)
+    twin = sage_attention(q, k, v, scale=0.125, is_causal=True, config=cfg.replace(kernel="torch"))
     assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
 
 
@@ -133,6 +183,31 @@ def test_kernel_variants_match_twin(use_tma, group4):
     attend_triton(buffers, out, 130, 300, is_causal=False, config=cfg, use_tma=use_tma, group4=group4)
     twin = sage_attention(q, k, v, scale=0.125, config=cfg.replace(kernel="torch"))
     assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
+
+
+@pytest.mark.parametrize("granularity", ["per_thread", "per_warp", "per_token"])
+def test_q_quantized_in_the_attention_kernel_equals_the_separate_quantizer(granularity):
+    from fewer.attention.sage.triton import attend_triton, q_in_kernel, quantize_triton
+
+    q, k, v = _qkv(hq=4, hk=2, lq=150, lk=200, d=48, q_outlier=5.0)
+    cfg = SageConfig(kernel="triton", qk_granularity=granularity)
+    assert q_in_kernel(cfg, 128) and q_in_kernel(cfg, 96) and not q_in_kernel(cfg.replace(smooth_q=True), 128)
+    assert not q_in_kernel(cfg.replace(qk_granularity="per_block"), 128) and not q_in_kernel(cfg, 64)
+    assert not q_in_kernel(cfg.replace(pv_dtype="fp16"), 128)
+    fused_buf = quantize_triton(q, k, v, 0.125, cfg, quantize_q=False)
+    assert fused_buf["q8"] is None
+    sep_buf = quantize_triton(q, k, v, 0.125, cfg)
+    outs = []
+    for buf in (fused_buf, sep_buf):
+        out = torch.full_like(q, float("nan"))
+        lse = attend_triton(buf, out, 150, 200, is_causal=True, config=cfg)
+        outs.append((out, lse))
+    if DEVICE == "cpu":   # same arithmetic, same INT8 Q: the same output
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    else:
+        assert rel_l1(outs[0][0], outs[1][0]) < 1e-5
+    twin = sage_attention(q, k, v, scale=0.125, is_causal=True, enable_gqa=True, config=cfg.replace(kernel="torch"))
+    assert rel_l1(outs[0][0], twin) <= TOL["kernel_vs_twin_rel_l1_max"]
 
 
 def test_group4_refuses_per_token_scales():

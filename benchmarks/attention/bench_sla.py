@@ -208,7 +208,24 @@ def tune(rows: list) -> None:
             best_tot = (t_tot, tot)
     kernels.TUNING[("tot", 64)] = best_tot[1]
     ms = run(split, fwd, lin)
-    print(f"tuning: split={split} fwd={fwd} lin={lin} totals={best_tot[1]} ({ms:.3f} ms)")
+    # inference-call options of the linear-part kernel (register pressure, NOTES_sla.md v3):
+    # (PRELOAD_TOTALS, FOLD_PROJ, PHI_IN_KERNEL); the v3 default is (False, False, True)
+    best_opt = (ms, (False, False, True))
+    for opt in ((True, False, True), (True, True, True), (True, True, False), (False, False, False)):
+        kernels.PRELOAD_TOTALS, kernels.FOLD_PROJ, kernels.PHI_IN_KERNEL = opt
+        try:
+            with torch.no_grad():
+                t_opt = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
+        except Exception as exc:
+            print(f"tuning options {opt} failed: {exc}")
+            continue
+        rows.append(dict(split="options preload,fold,phi_in_kernel", fwd_warps_stages_pair=str(opt),
+                         lin_warps_stages_pair="", module_fwd_ms=t_opt))
+        if t_opt < best_opt[0]:
+            best_opt = (t_opt, opt)
+    kernels.PRELOAD_TOTALS, kernels.FOLD_PROJ, kernels.PHI_IN_KERNEL = best_opt[1]
+    print(f"tuning: split={split} fwd={fwd} lin={lin} totals={best_tot[1]} ({ms:.3f} ms); "
+          f"options (preload, fold, phi_in_kernel)={best_opt[1]} ({best_opt[0]:.3f} ms)")
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -300,6 +317,79 @@ def _breakdown(name, q, k, v, cfg, preset):
                  linear_kernel_tflops=bench.tflops(flops_linear, max(t_split - t_sparse, 1e-6)))]
 
 
+PTXAS_VARIANTS = [  # (label, kernel name, num_warps, num_stages, constexprs): the register table of NOTES_sla.md
+    ("softmax kernel, v3 default", "_sla_fwd_kernel", 4, 2, dict(LINEAR_MODE=0, FUSE_PROJ=False, SAVE=True, PHI_Q=0)),
+    ("linear, direct, phi read, no proj", "_sla_fwd_linear_kernel", 4, 2,
+     dict(LINEAR_MODE=2, FUSE_PROJ=False, SAVE=True, PHI_Q=0, HILO=False)),
+    ("linear, direct, phi read, proj epilogue", "_sla_fwd_linear_kernel", 4, 2,
+     dict(LINEAR_MODE=2, PHI_Q=0, HILO=False)),
+    ("linear, subtract, training call", "_sla_fwd_linear_kernel", 4, 2, dict(FUSE_PROJ=False, SAVE=True, PHI_Q=0)),
+    ("linear, subtract, inference, v3 default", "_sla_fwd_linear_kernel", 4, 2, dict()),
+    ("linear, + PRELOAD_TOTALS", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True)),
+    ("linear, + PRELOAD_TOTALS + FOLD_PROJ", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True, FOLD=True)),
+    ("linear, + PRELOAD + FOLD, phi read", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True, FOLD=True, PHI_Q=0)),
+    ("totals pass, v3 default", "_sla_totals_kernel", 4, 3, dict()),
+    ("totals pass, PROJ_V", "_sla_totals_kernel", 8, 2, dict(PROJ_V=True)),
+]
+
+
+def ptxas_resources(variants=PTXAS_VARIANTS) -> list:
+    """Registers / spills / shared memory of kernel variants compiled for sm_90a without a GPU
+    (triton.compile with the divisibility the GPU run specialises on, then ptxas -v): at d128, bf16,
+    64x64 blocks; reproduces the GPU's figures for the softmax kernel (187 regs / 82 KB at 4w2s)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fewer.attention.sla import triton as kernels
+    defaults = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, LINEAR_MODE=1, FUSE_PROJ=True, SAVE=False, PHI_Q=1, PAIR=1,
+                    HILO=True, FOLD=False, PRE=False, PROJ_V=False, PREC="tf32", INTERPRET=False)
+    bf16_ptrs = {"Q", "QPHI", "V", "KPHI", "K", "OUT", "OS", "WHL", "VP"}
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    rows = []
+    for label, name, warps, stages, over in variants:
+        fn = getattr(kernels, name)
+        const = {k: v for k, v in {**defaults, **over}.items() if k in fn.arg_names}
+        sig, attrs = {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg in const:
+                sig[arg] = "constexpr"
+            elif arg in ("Lq", "Lk", "D", "Mq", "NC", "NL", "CHUNK_TILES"):
+                sig[arg] = "i32"
+            elif arg in bf16_ptrs or (arg == "HTOT" and const.get("HILO")):
+                sig[arg] = "*bf16"
+            elif arg in ("LUT_C", "LUT_L"):
+                sig[arg] = "*i32"
+            elif arg.isupper():
+                sig[arg] = "*fp32"
+            elif arg in ("qk_scale", "eps"):
+                sig[arg] = "fp32"
+            else:
+                sig[arg] = "i32"
+            if sig[arg].startswith("*") or arg in ("D", "Mq"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as fh:
+                fh.write(compiled.asm["ptx"])
+            log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
+                                 capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        rows.append(dict(variant=label, kernel=name, num_warps=warps, num_stages=stages,
+                         registers=int(regs.group(1)) if regs else -1,
+                         spill_store_bytes=int(spills.group(1)) if spills else -1,
+                         shared_bytes=compiled.metadata.shared))
+    return rows
+
+
 def ncu_forward() -> None:
     """One inference forward per preset at the Wan2.1-1.3B shape, 95% (run under ncu with -k regex:_sla)."""
     torch.manual_seed(0)
@@ -319,7 +409,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--ncu-forward", action="store_true", help="only one forward per preset (for ncu)")
+    parser.add_argument("--ptxas", action="store_true", help="no GPU needed: registers/spills of kernel variants")
     args = parser.parse_args(argv)
+    if args.ptxas:
+        bench.print_table(ptxas_resources())
+        return 0
     if not torch.cuda.is_available():
         print("bench_sla needs a CUDA GPU", file=sys.stderr)
         return 1

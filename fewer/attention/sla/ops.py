@@ -39,18 +39,19 @@ def _dummy(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def sla_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qphi: torch.Tensor, kphi: torch.Tensor,
                    htot: torch.Tensor, ztot: torch.Tensor, lut_c: torch.Tensor, lut_l: torch.Tensor,
                    wpt: torch.Tensor, bp: torch.Tensor, linear_mode: int, scale: float, eps: float, block_q: int,
-                   block_k: int, fuse_proj: bool, save: bool, split: bool, phi_q: int = 0
+                   block_k: int, fuse_proj: bool, save: bool, split: bool, phi_q: int = 0,
+                   fold_proj: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[BH, L, D] inputs -> (out, o_s, lse2, o_l, den); see triton.sla_forward."""
     out, o_s, lse, o_l, den = _kernels().sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp,
                                                      linear_mode, scale, eps, block_q, block_k, fuse_proj,
-                                                     save, split, phi_q)
+                                                     save, split, phi_q, fold_proj)
     return out, o_s, lse, o_l, den
 
 
 @sla_forward_op.register_fake
 def _(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode, scale, eps, block_q, block_k,
-      fuse_proj, save, split, phi_q=0):
+      fuse_proj, save, split, phi_q=0, fold_proj=False):
     bh, lq, d = q.shape
     fuse_proj = fuse_proj and linear_mode != MODE_NONE
     parts = save or not fuse_proj
@@ -82,10 +83,10 @@ def _(q, k, v, qphi, kphi, do_s, lse, delta, dn, ddn, lut_c, lut_l, linear_mode,
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode, scale, eps, block_q, block_k,
-     fuse_proj, save, split, phi_q) = inputs
-    if phi_q and (save or not fuse_proj):
-        raise RuntimeError("fewer::sla_forward: phi_q (phi(Q) inside the kernel) is for the inference call "
-                           "only; pass qphi when the parts are saved for the backward")
+     fuse_proj, save, split, phi_q, fold_proj) = inputs
+    if (phi_q or fold_proj) and (save or not fuse_proj):
+        raise RuntimeError("fewer::sla_forward: phi_q (phi(Q) inside the kernel) and fold_proj are for the "
+                           "inference call only; pass qphi and the totals when the parts are saved")
     _out, o_s, lse, o_l, den = output
     ctx.save_for_backward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, o_s, lse, o_l, den)
     ctx.params = (linear_mode, scale, block_q, block_k, fuse_proj and linear_mode != MODE_NONE, save)
@@ -132,7 +133,7 @@ def _backward(ctx, d_out, do_s, _dlse, do_l, _dden):
     else:
         dqphi, dkphi = dqphi.to(qphi.dtype), dkphi.to(kphi.dtype)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dqphi, dkphi, dhtot, dztot,
-            None, None, dwpt, dbp, None, None, None, None, None, None, None, None, None)
+            None, None, dwpt, dbp, None, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fewer::sla_forward", _backward, setup_context=_setup_context)
@@ -261,9 +262,11 @@ def _linear_all(qphi32: torch.Tensor, kphi32: torch.Tensor, v: torch.Tensor, eps
 PHI_CODES = {"softmax": 1, "elu": 2, "relu": 3}
 
 
-def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_kernel: bool = False):
+def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_kernel: bool = False,
+                   totals: bool = True):
     """The fused kernels' [BH, L, D] operands, LUTs, feature maps and totals for one call
-    (``phi_in_kernel``: phi(Q) is left to the kernel, qphi is a dummy)."""
+    (``phi_in_kernel``: phi(Q) is left to the kernel, qphi is a dummy; ``totals=False``: the
+    kernels compute the totals themselves (folded projection), htot/ztot are dummies)."""
     b, h, _, d = q.shape
     qc, kc, vc = (t.reshape(b * h, -1, d).contiguous() for t in (q, k, v))
     mq = plan.critical.shape[2]
@@ -279,7 +282,7 @@ def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_k
         kphi = _feature_map_lowp(kc, cfg.feature_map)
         if mode == MODE_SUBTRACT:
             lut_l = plan.negligible.reshape(b * h, mq, -1).contiguous()
-            htot, ztot = linear_totals(kphi, vc)
+            htot, ztot = linear_totals(kphi, vc) if totals else (_dummy(q, torch.float32), _dummy(q, torch.float32))
         else:
             lut_l = _marginal_lut(plan).reshape(b * h, mq, -1).contiguous()
             htot = ztot = _dummy(q, torch.float32)
@@ -358,9 +361,12 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLACon
     tensors = (q, k, v, proj_weight, bias)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # inference: phi(Q) inside the kernel (one pass over Q fewer); training keeps it an autograd op
-    phi_q = 0 if save else PHI_CODES[cfg.feature_map]
-    args = _kernel_inputs(q, k, v, cfg, plan, mode, phi_in_kernel=phi_q != 0)
+    kernels = _kernels()
+    phi_q = 0 if (save or not kernels.PHI_IN_KERNEL) else PHI_CODES[cfg.feature_map]
+    split = _split_forward(cfg.block_q)
+    fold = (kernels.FOLD_PROJ and not save and split and mode == MODE_SUBTRACT and q.dtype == torch.bfloat16
+            and d <= kernels.MAX_TOTALS_HEAD_DIM)
+    args = _kernel_inputs(q, k, v, cfg, plan, mode, phi_in_kernel=phi_q != 0, totals=not fold)
     out, *_ = sla_forward_op(*args, proj_weight.t().contiguous(), bias.float().contiguous(), mode, scale,
-                             cfg.linear_eps, cfg.block_q, cfg.block_k, True, save, _split_forward(cfg.block_q),
-                             phi_q)
+                             cfg.linear_eps, cfg.block_q, cfg.block_k, True, save, split, phi_q, fold)
     return out.reshape(b, h, lq, d), plan

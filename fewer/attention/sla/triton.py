@@ -102,13 +102,15 @@ def _fwd_critical_step(offs_k, mask_k, q, qphi, m_i, l_i, acc, acc_l, den_l, K, 
 
 @triton.jit
 def _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d, D,
-                     PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                     PREC: tl.constexpr, INTERPRET: tl.constexpr, NEG: tl.constexpr = False):
     kv_off = k_base + offs_k[:, None] * D + offs_d[None, :]
     kv_mask = mask_k[:, None] & mask_d[None, :]
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
     kphi = tl.load(KPHI + kv_off, mask=kv_mask, other=0.0)
     w = _dot(qphi, tl.trans(kphi), PREC, INTERPRET)
-    acc_l += _dot(w.to(v.dtype), v, PREC, INTERPRET)
+    if NEG:  # subtract the block from sums that start at the totals (exact negation)
+        w = -w
+    acc_l = _dot_acc(w.to(v.dtype), v, acc_l, PREC, INTERPRET)
     den_l += tl.sum(w, 1)
     return acc_l, den_l
 
@@ -181,22 +183,23 @@ def _sla_fwd_kernel(Q, K, V, QPHI, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, OUT,
         tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
     else:
         _linear_epilogue(o_s, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
-                         mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, SAVE, SAVE, False, HILO, PREC,
-                         INTERPRET)
+                         mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, SAVE, SAVE, False, HILO, False,
+                         PREC, INTERPRET)
 
 
 @triton.jit
 def _linear_epilogue(o_s, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
                      mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE: tl.constexpr, FUSE_PROJ: tl.constexpr,
                      WRITE_OS: tl.constexpr, WRITE_PARTS: tl.constexpr, LOAD_OS: tl.constexpr, HILO: tl.constexpr,
-                     PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                     FOLD: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """O_l = num / den from the in-kernel sums (subtracted from the totals in mode 1); with FUSE_PROJ
     writes OUT = O_s + O_l @ Wp^T + b (fp32 until the one rounding); WRITE_OS / WRITE_PARTS write
     O_s / (O_l, den), the parts the backward needs; LOAD_OS reads O_s (split forward) just before use.
 
     Register use is kept low (no fp32 copy of phi(Q)): with HILO, H_tot arrives as two bf16 matrices
     hi + lo (~16 significant bits, finer than tf32) multiplied with the bf16 phi(Q) tile already in
-    registers, accumulated in place onto -acc_l; the projection accumulates onto O_s in place."""
+    registers, accumulated in place onto -acc_l; the projection accumulates onto O_s in place.
+    FOLD: the projection was folded into V and H_tot (V' = V Wp^T), so O_l is already projected."""
     if LINEAR_MODE == 1:
         ztot = tl.load(ZTOT + bh * D + offs_d, mask=mask_d, other=0.0)
         den = tl.sum(qphi.to(tl.float32) * ztot[None, :], 1) - den_l
@@ -220,14 +223,20 @@ def _linear_epilogue(o_s, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, 
         tl.store(OL + q_off, o_l, mask=q_mask)
         tl.store(DEN + bh * Lq + offs_m, den, mask=mask_m)
     if FUSE_PROJ:
-        w_off = offs_d[:, None] * D + offs_d[None, :]
-        wpt = tl.load(WPT + w_off, mask=mask_d[:, None] & mask_d[None, :], other=0.0)
-        bias = tl.load(BP + offs_d, mask=mask_d, other=0.0)
-        if LOAD_OS:
-            o_s = tl.load(OS + q_off, mask=q_mask, other=0.0).to(tl.float32)
-        if WRITE_OS:
-            tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
-        out = _dot_acc(o_l, wpt, o_s, PREC, INTERPRET) + bias[None, :]
+        if FOLD:
+            bias = tl.load(BP + offs_d, mask=mask_d, other=0.0)
+            if LOAD_OS:
+                o_s = tl.load(OS + q_off, mask=q_mask, other=0.0).to(tl.float32)
+            out = o_s + o_l + bias[None, :]
+        else:
+            w_off = offs_d[:, None] * D + offs_d[None, :]
+            wpt = tl.load(WPT + w_off, mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+            bias = tl.load(BP + offs_d, mask=mask_d, other=0.0)
+            if LOAD_OS:
+                o_s = tl.load(OS + q_off, mask=q_mask, other=0.0).to(tl.float32)
+            if WRITE_OS:
+                tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
+            out = _dot_acc(o_l, wpt, o_s, PREC, INTERPRET) + bias[None, :]
         tl.store(OUT + q_off, out.to(OUT.dtype.element_ty), mask=q_mask)
     elif WRITE_OS:
         tl.store(OS + q_off, o_s.to(OS.dtype.element_ty), mask=q_mask)
@@ -238,11 +247,13 @@ def _sla_fwd_linear_kernel(Q, QPHI, V, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, 
                            Lq, Lk, D, Mq, NC, NL, eps,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            LINEAR_MODE: tl.constexpr, FUSE_PROJ: tl.constexpr, SAVE: tl.constexpr,
-                           PHI_Q: tl.constexpr, PAIR: tl.constexpr, HILO: tl.constexpr, PREC: tl.constexpr,
-                           INTERPRET: tl.constexpr):
+                           PHI_Q: tl.constexpr, PAIR: tl.constexpr, HILO: tl.constexpr, FOLD: tl.constexpr,
+                           PRE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """The linear part alone (the split forward): after the sparse kernel has written O_s, sum
     (phi(Q) phi(K_j)^T) V_j over the blocks to subtract (mode 1: critical + negligible) or to add
-    (mode 2: marginal). Only one fp32 accumulator per program, so it needs no softmax state."""
+    (mode 2: marginal). Only one fp32 accumulator per program, so it needs no softmax state.
+    PRE (mode 1): the accumulators start from phi(Q) H_tot, phi(Q) Z_tot before the loops and the
+    blocks are subtracted in place, so the epilogue has no H_tot products."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,8 +268,12 @@ def _sla_fwd_linear_kernel(Q, QPHI, V, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, 
     else:
         q = tl.load(Q + q_off, mask=q_mask, other=0.0)
         qphi = _feature_map_tile(q, mask_d, PHI_Q).to(q.dtype)
-    acc_l = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    den_l = tl.zeros([BLOCK_M], tl.float32)
+    if PRE and LINEAR_MODE == 1:
+        acc_l, den_l = _totals_start(qphi, HTOT, ZTOT, bh, offs_d, mask_d, D, HILO, PREC, INTERPRET)
+    else:
+        acc_l = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        den_l = tl.zeros([BLOCK_M], tl.float32)
+    NEG: tl.constexpr = PRE and LINEAR_MODE == 1
     lut_c = LUT_C + (bh * Mq + pid_m) * NC
     lut_l = LUT_L + (bh * Mq + pid_m) * NL
     offs_p = tl.arange(0, BLOCK_N * PAIR)
@@ -268,36 +283,66 @@ def _sla_fwd_linear_kernel(Q, QPHI, V, KPHI, HTOT, ZTOT, LUT_C, LUT_L, WPT, BP, 
             while t < NC:
                 offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
                 acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
-                                                D, PREC, INTERPRET)
+                                                D, PREC, INTERPRET, NEG)
                 t += PAIR
         t = 0
         while t < NL:
             offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
             acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
-                                            D, PREC, INTERPRET)
+                                            D, PREC, INTERPRET, NEG)
             t += PAIR
     else:
         if LINEAR_MODE == 1:
             for t in range(0, NC, PAIR):
                 offs_k, mask_k = _key_rows(lut_c, t, NC, offs_p, Lk, BLOCK_N, PAIR)
                 acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
-                                                D, PREC, INTERPRET)
+                                                D, PREC, INTERPRET, NEG)
         for t in range(0, NL, PAIR):
             offs_k, mask_k = _key_rows(lut_l, t, NL, offs_p, Lk, BLOCK_N, PAIR)
             acc_l, den_l = _fwd_linear_step(offs_k, mask_k, qphi, acc_l, den_l, V, KPHI, k_base, offs_d, mask_d,
-                                            D, PREC, INTERPRET)
+                                            D, PREC, INTERPRET, NEG)
     # O_s comes from the sparse kernel (read in the epilogue, LOAD_OS); acc_l is a placeholder here
-    _linear_epilogue(acc_l, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask, offs_m,
-                     mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, False, SAVE, True, HILO, PREC,
-                     INTERPRET)
+    if NEG:  # the sums already hold totals minus blocks: finish as in direct mode
+        _linear_epilogue(acc_l, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask,
+                         offs_m, mask_m, offs_d, mask_d, Lq, D, eps, 2, FUSE_PROJ, False, SAVE, True, HILO, FOLD,
+                         PREC, INTERPRET)
+    else:
+        _linear_epilogue(acc_l, acc_l, den_l, qphi, HTOT, ZTOT, WPT, BP, OUT, OS, OL, DEN, bh, q_off, q_mask,
+                         offs_m, mask_m, offs_d, mask_d, Lq, D, eps, LINEAR_MODE, FUSE_PROJ, False, SAVE, True, HILO,
+                         FOLD, PREC, INTERPRET)
 
 
 @triton.jit
-def _sla_totals_kernel(KPHI, V, HPART, ZPART, Lk, D, CHUNK_TILES,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+def _totals_start(qphi, HTOT, ZTOT, bh, offs_d, mask_d, D, HILO: tl.constexpr, PREC: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """(phi(Q) H_tot, phi(Q) Z_tot) for one query tile, fp32 (H_tot as bf16 hi + lo with HILO)."""
+    ztot = tl.load(ZTOT + bh * D + offs_d, mask=mask_d, other=0.0)
+    den = tl.sum(qphi.to(tl.float32) * ztot[None, :], 1)
+    h_mask = mask_d[:, None] & mask_d[None, :]
+    if HILO:
+        h_off = bh * 2 * D * D + offs_d[:, None] * D + offs_d[None, :]
+        h_hi = tl.load(HTOT + h_off, mask=h_mask, other=0.0)
+        num = _dot(qphi, h_hi, PREC, INTERPRET)
+        h_lo = tl.load(HTOT + D * D + h_off, mask=h_mask, other=0.0)
+        num = _dot_acc(qphi, h_lo, num, PREC, INTERPRET)
+    else:
+        h_off = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+        htot = tl.load(HTOT + h_off, mask=h_mask, other=0.0)
+        num = _dot(qphi.to(tl.float32), htot, PREC, INTERPRET)
+    return num, den
+
+
+@triton.jit
+def _sla_totals_kernel(KPHI, V, HPART, ZPART, WHL, VP, Lk, D, CHUNK_TILES,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_V: tl.constexpr, PREC: tl.constexpr,
+                       INTERPRET: tl.constexpr):
     """Partial totals over one chunk of keys: HPART[bh, c] = phi(K_c)^T V_c, ZPART[bh, c] = sum phi(K_c),
     from the low-precision phi(K), V tiles with fp32 accumulation (the same products the forward
-    kernel subtracts per block). The host sums the chunks."""
+    kernel subtracts per block). The host sums the chunks.
+
+    PROJ_V (the folded projection, inference): V is first mapped to V' = V Wp^T (WHL: Wp^T as bf16
+    hi [D, D] then lo [D, D]; fp32 accumulation), V' is stored in bf16 (VP) and the totals are taken
+    over the stored V', so the linear kernel subtracts exactly the products that H'_tot holds."""
     pid_c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(0)
@@ -307,16 +352,24 @@ def _sla_totals_kernel(KPHI, V, HPART, ZPART, Lk, D, CHUNK_TILES,
     acc = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
     z = tl.zeros([BLOCK_D], tl.float32)
     k_base = bh * Lk * D
+    if PROJ_V:
+        w_off = offs_d[:, None] * D + offs_d[None, :]
+        w_mask = mask_d[:, None] & mask_d[None, :]
+        w_hi = tl.load(WHL + w_off, mask=w_mask, other=0.0)
+        w_lo = tl.load(WHL + D * D + w_off, mask=w_mask, other=0.0)
+    else:
+        w_hi = 0.0
+        w_lo = 0.0
     if INTERPRET:
         t = 0
         while t < CHUNK_TILES:
-            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D,
-                                  BLOCK_N, PREC, INTERPRET)
+            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, VP, w_hi, w_lo, k_base, offs_n, offs_d,
+                                  mask_d, Lk, D, BLOCK_N, PROJ_V, PREC, INTERPRET)
             t += 1
     else:
         for t in range(CHUNK_TILES):
-            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D,
-                                  BLOCK_N, PREC, INTERPRET)
+            acc, z = _totals_step(pid_c * CHUNK_TILES + t, acc, z, KPHI, V, VP, w_hi, w_lo, k_base, offs_n, offs_d,
+                                  mask_d, Lk, D, BLOCK_N, PROJ_V, PREC, INTERPRET)
     part = bh * n_chunks + pid_c
     h_off = part * D * D + offs_d[:, None] * D + offs_d[None, :]
     tl.store(HPART + h_off, acc, mask=mask_d[:, None] & mask_d[None, :])
@@ -324,13 +377,17 @@ def _sla_totals_kernel(KPHI, V, HPART, ZPART, Lk, D, CHUNK_TILES,
 
 
 @triton.jit
-def _totals_step(j, acc, z, KPHI, V, k_base, offs_n, offs_d, mask_d, Lk, D, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr, INTERPRET: tl.constexpr):
+def _totals_step(j, acc, z, KPHI, V, VP, w_hi, w_lo, k_base, offs_n, offs_d, mask_d, Lk, D, BLOCK_N: tl.constexpr,
+                 PROJ_V: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     offs_k = j * BLOCK_N + offs_n
     kv_off = k_base + offs_k[:, None] * D + offs_d[None, :]
     kv_mask = (offs_k < Lk)[:, None] & mask_d[None, :]
     kphi = tl.load(KPHI + kv_off, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    if PROJ_V:
+        vp = _dot_acc(v, w_lo, _dot(v, w_hi, PREC, INTERPRET), PREC, INTERPRET).to(VP.dtype.element_ty)
+        tl.store(VP + kv_off, vp, mask=kv_mask)
+        v = vp
     acc += _dot(tl.trans(kphi), v, PREC, INTERPRET)
     z += tl.sum(kphi.to(tl.float32), 0)
     return acc, z
@@ -599,6 +656,14 @@ MAX_TOTALS_HEAD_DIM = 128
 # Key blocks per loop step of the forward kernels ("fwd": the softmax kernel, "lin": the linear-part
 # kernel): 2 gathers two LUT entries into one tile of 2*block_k rows (wider matmuls, half the steps).
 PAIR_BLOCKS: dict[str, int] = {"fwd": 1, "lin": 1}
+# Inference forward with the projection folded into V and H_tot (V' = V Wp^T from the totals pass,
+# no projection matmul in the linear kernel's epilogue). Off until a GPU run measures it (NOTES_sla.md).
+FOLD_PROJ = False
+# Linear-part kernel, subtract mode: start the sums from phi(Q) H_tot before the loops and subtract
+# the blocks in place (no H_tot products in the epilogue). Off until a GPU run measures it.
+PRELOAD_TOTALS = False
+# Inference forward: phi(Q) computed in the kernels from the Q tile (no phi(Q) tensor; costs registers).
+PHI_IN_KERNEL = True
 # The plan pass sorts a whole row of key-block scores in one program; longer rows use torch.topk.
 MAX_PLAN_KEY_BLOCKS = 4096
 
@@ -634,14 +699,16 @@ def _empty(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_mode: int, scale: float,
                 eps: float, block_q: int, block_k: int, fuse_proj: bool = False, save: bool = True,
-                split: bool = False, phi_q: int = 0):
+                split: bool = False, phi_q: int = 0, fold_proj: bool = False):
     """q, qphi [BH, Lq, D]; k, v, kphi [BH, Lk, D]; lut_c [BH, Mq, NC], lut_l [BH, Mq, NL] int32;
     wpt [D, D] fp32 (proj weight transposed), bp [D] fp32: used when ``fuse_proj``.
 
     Returns (out, o_s, lse2, o_l, den): out [BH, Lq, D] in q's dtype = O_s + O_l @ wpt + bp when
     ``fuse_proj`` (else empty); o_s (q's dtype), o_l fp32, den fp32 when ``save`` or not ``fuse_proj``
     (else empty); lse2 [BH, Lq] fp32 always. ``split`` runs the linear part as its own kernel.
-    ``phi_q`` 1/2/3 (softmax/elu/relu): the kernels compute phi(Q) from q (qphi is then not read)."""
+    ``phi_q`` 1/2/3 (softmax/elu/relu): the kernels compute phi(Q) from q (qphi is then not read).
+    ``fold_proj`` (inference, subtract mode, bf16, split): htot/ztot are not read; the totals pass
+    computes V' = V Wp^T and H'_tot, Z_tot itself and the linear kernel walks V' (no epilogue matmul)."""
     bh, lq, d = q.shape
     lk = k.shape[1]
     mq = lut_c.shape[1]
@@ -662,6 +729,15 @@ def sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_m
     o_l_ptr, den_ptr, out_ptr = _non_empty(o_l), _non_empty(den), _non_empty(out)
     o_s_ptr = _non_empty(o_s)
     fused_mode = 0 if (split or linear_mode == 0) else linear_mode
+    fold = fold_proj and fuse_proj and not parts and split and linear_mode == 1
+    if fold_proj and not fold:
+        raise ValueError("fold_proj needs the inference call (fuse_proj, save=False), the split forward and "
+                         "subtract mode")
+    v_lin = v
+    if fold:
+        if q.dtype != torch.bfloat16 or d > MAX_TOTALS_HEAD_DIM:
+            raise ValueError(f"fold_proj takes bf16 inputs with head dim <= {MAX_TOTALS_HEAD_DIM}")
+        htot, ztot, v_lin = sla_totals(kphi, v, wpt)
     # bf16: H_tot goes to the kernels as bf16 hi + lo (see _linear_epilogue); else fp32 (tf32 products)
     hilo = q.dtype == torch.bfloat16 and linear_mode == 1
     if hilo:
@@ -674,18 +750,21 @@ def sla_forward(q, k, v, qphi, kphi, htot, ztot, lut_c, lut_l, wpt, bp, linear_m
             PAIR=_pair("fwd", block_k), HILO=hilo)
     if split and linear_mode != 0:
         _launch(_sla_fwd_linear_kernel, (mq, bh), "lin", block_q, d, q.dtype,
-                q, qphi, v, kphi, htot, ztot, lut_c, lut_l_ptr, wpt_ptr, bp_ptr, out_ptr,
+                q, qphi, v_lin, kphi, htot, ztot, lut_c, lut_l_ptr, wpt_ptr, bp_ptr, out_ptr,
                 o_s_ptr, o_l_ptr, den_ptr, lq, lk, d, mq, nc, nl, eps,
                 BLOCK_M=block_q, BLOCK_N=block_k, LINEAR_MODE=linear_mode, FUSE_PROJ=fuse_proj, SAVE=parts,
-                PHI_Q=phi_q, PAIR=_pair("lin", block_k), HILO=hilo)
+                PHI_Q=phi_q, PAIR=_pair("lin", block_k), HILO=hilo, FOLD=fold, PRE=PRELOAD_TOTALS)
     if not parts:
         o_s = _empty(q, q.dtype)
     return out, o_s, lse, o_l, den
 
 
-def sla_totals(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sla_totals(kphi: torch.Tensor, v: torch.Tensor, wpt: torch.Tensor | None = None):
     """H_tot = phi(K)^T V [BH, D, D] and Z_tot = sum_t phi(K_t) [BH, D], fp32, from kphi, v [BH, Lk, D]
-    in their own dtype (fp32 accumulation), split over key chunks so every SM has work."""
+    in their own dtype (fp32 accumulation), split over key chunks so every SM has work.
+
+    With ``wpt`` (Wp^T [D, D] fp32; bf16 inputs): returns (H'_tot, Z_tot, V') with V' = V Wp^T in
+    bf16 and H'_tot = phi(K)^T V' (the folded projection of the inference forward)."""
     bh, lk, d = kphi.shape
     block_n = 64
     tiles = -(-lk // block_n)
@@ -694,8 +773,18 @@ def sla_totals(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch
     chunks = -(-tiles // chunk_tiles)
     hpart = torch.empty(bh, chunks, d, d, device=kphi.device, dtype=torch.float32)
     zpart = torch.empty(bh, chunks, d, device=kphi.device, dtype=torch.float32)
+    proj_v = wpt is not None
+    if proj_v:
+        w_hi = wpt.to(torch.bfloat16)
+        whl = torch.stack([w_hi, (wpt - w_hi.float()).to(torch.bfloat16)]).contiguous()
+        vp = torch.empty_like(v)
+    else:
+        whl = vp = _empty(v, v.dtype)
     _launch(_sla_totals_kernel, (chunks, bh), "tot", block_n, d, kphi.dtype,
-            kphi, v, hpart, zpart, lk, d, chunk_tiles, BLOCK_N=block_n)
+            kphi, v, hpart, zpart, _non_empty(whl), _non_empty(vp), lk, d, chunk_tiles, BLOCK_N=block_n,
+            PROJ_V=proj_v)
+    if proj_v:
+        return hpart.sum(1), zpart.sum(1), vp
     return hpart.sum(1), zpart.sum(1)
 
 

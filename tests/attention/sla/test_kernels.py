@@ -193,3 +193,58 @@ def test_half_precision_inference_forward_within_budget(case, dtype, split_forwa
     assert torch.isfinite(got).all()
     budget = TOLERANCES["kernel_lowp_fwd_ratio"]
     assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+
+
+@pytest.mark.parametrize("fold,pre,phi_in_kernel", [(True, False, True), (False, True, True), (True, True, False)])
+def test_folded_projection_inference_within_budget(fold, pre, phi_in_kernel, monkeypatch):
+    """The inference call's options, bf16: the projection folded into V and H_tot (V' = V Wp^T from
+    the totals pass, no epilogue matmul), the sums started from the totals (PRELOAD_TOTALS), phi(Q)
+    read or computed in the kernel: within 2x of the bf16 reference module's error vs fp64."""
+    case = "subtract"
+    _set_forward(monkeypatch, True, 1)
+    monkeypatch.setattr(sla_triton, "FOLD_PROJ", fold)
+    monkeypatch.setattr(sla_triton, "PRELOAD_TOTALS", pre)
+    monkeypatch.setattr(sla_triton, "PHI_IN_KERNEL", phi_in_kernel)
+    cfg, q, k, v, _ = _inputs(case, torch.bfloat16)
+    attn = SparseLinearAttention(q.shape[-1], cfg).to(DEVICE)
+    torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    torch.nn.init.normal_(attn.proj.bias, std=0.1)
+    from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
+    with torch.no_grad():
+        got = attn(q, k, v)
+        w, b = attn.proj.weight, attn.proj.bias
+        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=attn.last_plan,
+                         compute_dtype=torch.float64)
+        half = full_ref(q, k, v, cfg, w, b, plan=attn.last_plan, compute_dtype=torch.bfloat16)
+    assert torch.isfinite(got).all()
+    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
+    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+
+
+def test_totals_pass_with_projected_values():
+    """PROJ_V: V' = V Wp^T stored in bf16 and H'_tot = phi(K)^T V' over the stored V'."""
+    kphi = torch.rand(2, 150, 32, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(2, 150, 32, device=DEVICE).to(torch.bfloat16)
+    wpt = torch.randn(32, 32, device=DEVICE) * 0.2
+    htot, ztot, vp = sla_triton.sla_totals(kphi, v, wpt)
+    exact_vp = v.double() @ wpt.double()
+    assert vp.dtype == torch.bfloat16 and rel_l2(vp.double(), exact_vp) < 5e-3
+    assert rel_l2(htot.double(), kphi.double().transpose(-2, -1) @ vp.double()) < 1e-5
+    assert rel_l2(ztot.double(), kphi.double().sum(-2)) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["subtract", "direct-d72"])
+def test_preloaded_totals_fp32_match_fp64_reference(case, monkeypatch):
+    """PRELOAD_TOTALS (sums start at phi(Q) H_tot, blocks subtracted in place), split forward, fp32:
+    outputs and gradients as exact as the default path."""
+    _set_forward(monkeypatch, True, 1)
+    monkeypatch.setattr(sla_triton, "PRELOAD_TOTALS", True)
+    cfg, q, k, v, mode = _inputs(case, torch.float32)
+    plan = plan_blocks(q, k, cfg)
+    g_s = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
+    g_l = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
+    got = _grads(lambda a, b, c: sla_parts(a, b, c, cfg, plan=plan)[:2], q, k, v, g_s, g_l, torch.float32)
+    ref = _grads(lambda a, b, c: sla_parts_reference(a, b, c, cfg, plan=plan, compute_dtype=torch.float64),
+                 q, k, v, g_s, g_l, torch.float64)
+    for name, a, b in zip(("o_s", "o_l", "dq", "dk", "dv"), got, ref):
+        assert rel_l2(a, b) < TOLERANCES["kernel_fp32_fwd"], f"{case} {name}: {rel_l2(a, b):.3e}"

@@ -21,6 +21,8 @@ FORMATS = ["int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2
 
 
 def _tiles(name):
+    if name == "nvfp4":  # the other tiles are refused on CUDA (wrong row codes; test_refused_nvfp4_layouts)
+        return [t for t in TILES if t[0] == 128 and t[3] == 4]
     if name == "nvfp4_double":
         return TILES_128[:3]
     return TILES_128 if name in ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block") else TILES

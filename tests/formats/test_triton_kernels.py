@@ -185,3 +185,17 @@ def test_tile_and_vec_errors():
         fused_quantize(x, "mxfp8", tile=(16, 64))
     with pytest.raises(ValueError, match="vec"):
         fused_quantize(x, "nvfp4", tile=(64, 64), vec=3)
+
+
+def test_refused_nvfp4_layouts_name_the_validated_ones():
+    """Per-tensor NVFP4 tiles that gave wrong codes on the GPU are refused there, with the allowed layouts named."""
+    from fewer.formats.spec import get_spec
+    from fewer.formats.triton_kernels import check_gpu_validated_layout
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="128 rows with vec=4"):
+        check_gpu_validated_layout(get_spec("nvfp4"), 64, 4, cuda)
+    with pytest.raises(ValueError, match="vec=8"):
+        check_gpu_validated_layout(get_spec("nvfp4"), 128, 8, cuda)
+    check_gpu_validated_layout(get_spec("nvfp4"), 128, 4, cuda)            # validated: no error
+    check_gpu_validated_layout(get_spec("mxfp4"), 64, 8, cuda)             # other formats passed every tile
+    check_gpu_validated_layout(get_spec("nvfp4"), 64, 4, torch.device("cpu"))  # the interpreter is exact

@@ -95,7 +95,7 @@ class DistillConfig(Config):
         return SCMConfig(**{k: v for k, v in self.to_dict().items() if k in names})
 
 
-DistillConfig.register_preset("toy-cpu", steps=600, batch_size=256, lr=3e-4, lr_fake=1e-3, critic_steps=4,
+DistillConfig.register_preset("toy-cpu", steps=400, batch_size=128, lr=3e-4, lr_fake=1e-3, critic_steps=2,
                               guidance_scale=2.0, lam=0.1, log_every=100)
 DistillConfig.register_preset("digits-cpu", steps=300, batch_size=64, lr=2e-4, lr_fake=4e-4, critic_steps=2,
                               guidance_scale=2.0, lam=0.1, log_every=50)

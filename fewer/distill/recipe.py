@@ -94,10 +94,10 @@ class RecipeConfig(Config):
         return DistillConfig.from_preset(preset, **over)
 
 
-RecipeConfig.register_preset("cpu")
-RecipeConfig.register_preset("toy-cpu")
-RecipeConfig.register_preset("digits-cpu", testbed="digits", steps=150, init_steps=1200, num_samples=500,
-                             ref_steps=50)
+RecipeConfig.register_preset("cpu", steps=400, init_steps=1000, batch_size=128, num_samples=1000)
+RecipeConfig.register_preset("toy-cpu", steps=400, init_steps=1000, batch_size=128, num_samples=1000)
+RecipeConfig.register_preset("digits-cpu", testbed="digits", steps=200, init_steps=800, num_samples=300,
+                             ref_steps=50, batch_size=32, lam=1.0)
 RecipeConfig.register_preset("gpu", steps=4000, init_steps=5000, num_samples=10000)
 RecipeConfig.register_preset("digits-gpu", testbed="digits", steps=3000, init_steps=6000, num_samples=2000,
                              dit_dim=128, dit_depth=4, ref_steps=50)
@@ -131,6 +131,26 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_sample_csv(samples: dict[str, torch.Tensor], path: Path, per_name: int) -> None:
+    """The first ``per_name`` samples of each entry, flattened: columns name, index, v0, v1, ... (for plots)."""
+    rows = []
+    for name, x in samples.items():
+        flat = x[:per_name].reshape(min(per_name, x.shape[0]), -1).double()
+        for i, vec in enumerate(flat):
+            rows.append({"name": name, "index": i, **{f"v{j}": float(v) for j, v in enumerate(vec)}})
+    write_csv(rows, path)
+
+
+def read_sample_csv(path: Path) -> dict[str, torch.Tensor]:
+    """Inverse of ``write_sample_csv``: name -> [N, D] float tensor."""
+    out: dict[str, list[list[float]]] = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            vals = [float(row[k]) for k in row if k.startswith("v")]
+            out.setdefault(row["name"], []).append(vals)
+    return {k: torch.tensor(v) for k, v in out.items()}
 
 
 def _time_it(fn, repeat: int = 3) -> float:
@@ -373,6 +393,7 @@ def run_recipe(cfg: RecipeConfig, out_dir: str | Path = "", progress: bool = Tru
         write_csv(result["summary"], out / f"distill_{cfg.testbed}.csv")
         if result["sweep"]:
             write_csv(result["sweep"], out / f"distill_{cfg.testbed}_lambda.csv")
-        torch.save({k: v.cpu() for k, v in result["samples"].items()}, out / f"distill_{cfg.testbed}_samples.pt")
+        write_sample_csv(result["samples"], out / f"distill_{cfg.testbed}_samples.csv",
+                         per_name=400 if cfg.testbed == "toy" else 20)
         (out / f"distill_{cfg.testbed}_config.json").write_text(cfg.to_json())
     return result

@@ -4,6 +4,7 @@
     fewer distill toy --preset cpu --methods rcm --seeds 1 --lam-sweep 0.01,0.1,1
     fewer distill digits --preset cpu --out benchmarks/results/cpu
     fewer distill digits --preset gpu --dry-run                             # print the config
+    fewer distill speed --out benchmarks/results/cpu                        # sampling wall-clock table
 
 ``--method`` is an alias of ``--methods``. Presets: cpu (what runs here in minutes), gpu (larger, not run).
 """
@@ -21,6 +22,10 @@ PRESETS = {"toy": {"cpu": "toy-cpu", "gpu": "gpu"}, "digits": {"cpu": "digits-cp
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="testbed_cmd", metavar="TESTBED", required=True)
+    sp = sub.add_parser("speed", help="sampling wall-clock: teacher 50-step CFG ODE vs 1/2/4-step students")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--num-samples", type=int, default=500)
+    sp.add_argument("--out", default="", help="folder for distill_speed.csv")
     for name in PRESETS:
         p = sub.add_parser(name, help=f"distil on the {name} testbed")
         p.add_argument("--preset", default="cpu", choices=sorted(PRESETS[name]), help="cpu (default) or gpu")
@@ -50,6 +55,15 @@ def format_table(summary: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.testbed_cmd == "speed":
+        from pathlib import Path
+
+        from .recipe import speed_table, write_csv
+        rows = speed_table(repeats=args.repeats, num_samples=args.num_samples)
+        print(format_table(rows))
+        if args.out:
+            write_csv(rows, Path(args.out) / "distill_speed.csv")
+        return 0
     base = RecipeConfig.from_preset(PRESETS[args.testbed_cmd][args.preset])
     cfg = config_from_args(RecipeConfig, args, base=base)
     if cfg.testbed != args.testbed_cmd:

@@ -31,3 +31,20 @@ def test_tiny_toy_run_writes_tables(tmp_path, capsys):
     assert all(r["seeds"] == "2" for r in rows)
     assert (tmp_path / "distill_toy_samples.csv").exists()
     assert "| method |" in capsys.readouterr().out
+
+
+def test_tour_section_writes_tables_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import torch
+
+    from fewer.report.sections import distill as section
+    from fewer.report.tour import TourContext
+
+    ctx = TourContext(out_dir=tmp_path, device=torch.device("cpu"), scale="cpu")
+    section.run(ctx)
+    text = "\n".join(ctx.markdown)
+    assert "analytic teacher" in text and "energy distance to data" in text
+    if (section.RESULTS / "distill_toy_samples.csv").exists():
+        assert (tmp_path / "distill_toy_samples.png").exists()

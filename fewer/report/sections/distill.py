@@ -32,11 +32,29 @@ def _table(rows: list[dict], metrics: list[str]) -> list[dict]:
     return out
 
 
-def _plot_toy(ctx, samples: dict) -> None:
+def _main_names(samples: dict, first: str, lam: str) -> list[str]:
+    """The first sample set, then every method's k-step sets; rCM only at the main table's lambda."""
+    keep = [first]
+    for n in samples:
+        if "-step" in n and ("lam=" not in n or n.endswith(f"lam={lam}")):
+            keep.append(n)
+    return keep
+
+
+def _main_lam(rows: list[dict]) -> str:
+    lams = [r["lam"] for r in rows if r["method"] == "rcm" and r.get("lam")]
+    return str(float(lams[0])) if lams else ""
+
+
+def _plot_toy(ctx, samples: dict, lam: str) -> None:
     import matplotlib.pyplot as plt
-    names = [n for n in samples if n == "reference" or "-step" in n and "lam" not in n][:10]
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4))
-    for ax, name in zip(axes, names):
+    names = _main_names(samples, "reference", lam)
+    cols = 5
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
         x = samples[name]
         ax.scatter(x[:, 0], x[:, 1], s=1, c=(torch.arange(x.shape[0]) % 2).numpy(), cmap="coolwarm")
         ax.set_title(name, fontsize=7)
@@ -48,9 +66,9 @@ def _plot_toy(ctx, samples: dict) -> None:
                    "students at 1/2/4 steps (seed 0, same noise)")
 
 
-def _plot_digits(ctx, samples: dict) -> None:
+def _plot_digits(ctx, samples: dict, lam: str) -> None:
     import matplotlib.pyplot as plt
-    names = [n for n in samples if n == "teacher" or ("-step" in n and ("lam" not in n or "lam=0.1" in n))]
+    names = _main_names(samples, "teacher", lam)
     fig, axes = plt.subplots(len(names), 1, figsize=(6, 0.75 * len(names)))
     for ax, name in zip(axes, names):
         x = samples[name][:10].reshape(-1, 8, 8)
@@ -91,7 +109,7 @@ def run(ctx) -> None:
     toy = RESULTS / "distill_toy_samples.csv"
     digits = RESULTS / "distill_digits_samples.csv"
     if toy.exists():
-        _plot_toy(ctx, read_sample_csv(toy))
+        _plot_toy(ctx, read_sample_csv(toy), _main_lam(_read(RESULTS / "distill_toy.csv")))
     if digits.exists():
-        _plot_digits(ctx, read_sample_csv(digits))
+        _plot_digits(ctx, read_sample_csv(digits), _main_lam(_read(RESULTS / "distill_digits.csv")))
     ctx.add("See fewer/distill/README.md for the reading of these tables and what is not reproduced.")

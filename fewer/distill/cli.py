@@ -5,6 +5,7 @@
     fewer distill digits --preset cpu --out benchmarks/results/cpu
     fewer distill digits --preset gpu --dry-run                             # print the config
     fewer distill speed --out benchmarks/results/cpu                        # sampling wall-clock table
+    fewer distill ablate --seeds 2 --out benchmarks/results/cpu             # sCM switches on the toy
 
 ``--method`` is an alias of ``--methods``. Presets: cpu (what runs here in minutes), gpu (larger, not run).
 """
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--num-samples", type=int, default=500)
     sp.add_argument("--out", default="", help="folder for distill_speed.csv")
+    ab = sub.add_parser("ablate", help="sCM switches (warm-up, normalisation, weighting, discrete) on the toy")
+    ab.add_argument("--preset", default="cpu", choices=("cpu",))
+    ab.add_argument("--out", default="", help="folder for distill_toy_scm_ablation*.csv")
+    add_config_arguments(ab, RecipeConfig)
     for name in PRESETS:
         p = sub.add_parser(name, help=f"distil on the {name} testbed")
         p.add_argument("--preset", default="cpu", choices=sorted(PRESETS[name]), help="cpu (default) or gpu")
@@ -63,6 +68,19 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if args.out:
             write_csv(rows, Path(args.out) / "distill_speed.csv")
+        return 0
+    if args.testbed_cmd == "ablate":
+        from pathlib import Path
+
+        from .recipe import _summarise, toy_scm_ablation, write_csv
+        cfg = config_from_args(RecipeConfig, args, base=RecipeConfig.from_preset("toy-cpu"))
+        rows = toy_scm_ablation(cfg)
+        summary = _summarise(rows, ("variant", "steps"), ["precision", "modes_covered", "energy", "paired_l2",
+                                                          "nonfinite"])
+        print(format_table(summary))
+        if args.out:
+            write_csv(rows, Path(args.out) / "distill_toy_scm_ablation_runs.csv")
+            write_csv(summary, Path(args.out) / "distill_toy_scm_ablation.csv")
         return 0
     base = RecipeConfig.from_preset(PRESETS[args.testbed_cmd][args.preset])
     cfg = config_from_args(RecipeConfig, args, base=base)

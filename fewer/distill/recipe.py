@@ -42,7 +42,7 @@ class RecipeConfig(Config):
     methods: str = "all"            # "scm" | "rcm" | "dmd" | "all"
     seeds: int = 3
     steps: int = 600                # distillation: student updates
-    lam: float = -1.0               # rCM lambda; < 0 = the distill preset's
+    lam: float = -1.0               # rCM lambda (>= 0); -1 = the distill preset's
     lam_sweep: str = ""             # comma-separated lambdas for an extra rCM sweep at seed 0 ("" = none)
     guidance_scale: float = 2.0
     init_steps: int = 1500          # toy: MLP flow-matching pre-training; digits: teacher training steps
@@ -65,6 +65,9 @@ class RecipeConfig(Config):
         check_range(self, "guidance_scale", 0.0, None)
         check_range(self, "batch_size", 0, None)
         check_range(self, "lr", 0.0, None)
+        if self.lam < 0 and self.lam != -1.0:
+            raise ValueError(f"RecipeConfig.lam={self.lam} is not allowed: the DMD weight lambda must be >= 0 "
+                             "(-1 = use the distill preset's lambda)")
         self.lambdas()
         self.step_list()
 
@@ -437,4 +440,52 @@ def speed_table(repeats: int = 5, num_samples: int = 500, teacher_steps: int = 5
             rows.append({"model": name, "sampler": key, "steps": steps, "nfe": nfe, "batch": num_samples,
                          "seconds": secs, "speedup": best["teacher"] / secs, "nfe_ratio": 2 * teacher_steps / nfe,
                          "threads": threads})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# sCM switches on the toy (one table row per variant)
+# ---------------------------------------------------------------------------------------------
+
+SCM_VARIANTS: dict[str, dict[str, Any]] = {
+    "default (l2, no warm-up)": {},
+    "warm-up sCM style, H=200": {"warmup": "scm", "warmup_steps": 200},
+    "warm-up rCM style, H=200": {"warmup": "rcm", "warmup_steps": 200},
+    "clip normalisation": {"normalization": "clip"},
+    "rms normalisation": {"normalization": "rms"},
+    "no normalisation": {"normalization": "none"},
+    "adaptive weighting": {"adaptive": True},
+    "prior weighting 1/(sigma_d tan t)": {"prior_weighting": True},
+    "discrete, N=64": {"variant": "discrete", "discrete_steps": 64},
+    "finite-difference tangent": {"tangent": "fd"},
+}
+
+
+def toy_scm_ablation(cfg: RecipeConfig, variants: dict[str, dict[str, Any]] | None = None,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """sCM on the toy under each switch (cfg.seeds seeds, the same init and evaluation as ``run_toy``)."""
+    torch.set_num_threads(cfg.threads)
+    gmm = ring()
+    sd = gmm.sigma_d
+    teacher = AnalyticGMMTeacher(gmm, sd)
+    init = pretrain_toy(gmm, sd, cfg.init_steps)
+    n = cfg.num_samples
+    labels = torch.arange(n) % gmm.num_classes
+    steps_list = cfg.step_list()
+    noise = per_sample_noise(range(10_000, 10_000 + n), (gmm.dim,), max(steps_list))
+    ref = teacher_sample(teacher, noise[0], labels, steps=cfg.ref_steps, guidance_scale=cfg.guidance_scale)
+    rows = []
+    for name, over in (variants or SCM_VARIANTS).items():
+        for seed in range(cfg.seeds):
+            dcfg = cfg.distill_config("scm", seed).replace(**over)
+            student = copy.deepcopy(init)
+            res = distill(student, teacher, lambda step, gen: gmm.sample(dcfg.batch_size, gen)[:2], dcfg)
+            for k in steps_list:
+                s = consistency_sample(student, noise, labels, steps=k)
+                rows.append(dict(variant=name, steps=k, seed=seed, **toy_metrics(gmm, s, ref),
+                                 nonfinite=res.nonfinite_samples, train_seconds=res.seconds))
+            if progress:
+                print(f"[ablation] {name} seed {seed}: " + "; ".join(
+                    f"{r['steps']}-step prec {r['precision']:.3f} energy {r['energy']:.4f}"
+                    for r in rows[-len(steps_list):]), flush=True)
     return rows

@@ -17,6 +17,8 @@ def test_dry_run_prints_the_resolved_config(capsys):
 def test_bad_lambda_sweep_is_rejected():
     with pytest.raises(ValueError, match="lambda must be >= 0"):
         main(["distill", "toy", "--lam-sweep", "0.1,-1", "--dry-run"])
+    with pytest.raises(ValueError, match="lambda must be >= 0"):
+        main(["distill", "digits", "--lam", "-0.5", "--dry-run"])
 
 
 def test_tiny_toy_run_writes_tables(tmp_path, capsys):

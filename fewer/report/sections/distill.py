@@ -106,6 +106,11 @@ def run(ctx) -> None:
         sweep = path.with_name(path.stem + "_lambda.csv")
         if sweep.exists():
             ctx.add_table(_table(_read(sweep), metrics), f"{title}: rCM lambda sweep, seed 0 ({sweep.name})")
+    ablation = RESULTS / "distill_toy_scm_ablation.csv"
+    if ablation.exists():
+        rows = [{"variant": r["variant"], "steps": r["steps"],
+                 **{m: f"{float(r[m]):.3g}" for m in ("precision", "modes_covered", "energy")}} for r in _read(ablation)]
+        ctx.add_table(rows, f"2-D toy: sCM switches, mean of 2 seeds ({ablation.name})")
     toy = RESULTS / "distill_toy_samples.csv"
     digits = RESULTS / "distill_digits_samples.csv"
     if toy.exists():

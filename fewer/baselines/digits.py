@@ -23,7 +23,7 @@ from ..core.seed import per_sample_generators, randn_per_sample
 from ..data import ImageSet, load_digits, load_mnist
 from ..eval.image_metrics import classifier_accuracy, sample_quality
 from ..models.classifier import DigitClassifier, train_classifier
-from ..models.denoiser import LogNormalTime, TrigFlowDenoiser, sample_ode, trigflow_loss
+from ..models.denoiser import LogNormalTime, TrigFlowDenoiser, flow_matching_steps, sample_ode
 from ..models.dit import DiT, DiTConfig
 from ..train import TrainConfig, train
 
@@ -87,16 +87,7 @@ def train_digit_denoiser(cfg: DigitsBaselineConfig, data: ImageSet, out_dir: str
     """Train the class-conditional DiT with the TrigFlow flow-matching loss; returns the denoiser (eval mode)."""
     torch.manual_seed(cfg.seed)
     denoiser = TrigFlowDenoiser(DiT(DiTConfig.from_preset(cfg.model)), sigma_d=cfg.sigma_d)
-    times = LogNormalTime(sigma_d=cfg.sigma_d)
-
-    def get_batch(step: int, rank: int, world_size: int):
-        x0, y = data.batch(cfg.batch_size, step, seed=cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # noise and times are a function of step
-        return x0, y, torch.randn(x0.shape, generator=gen), times(x0.shape[0], gen)
-
-    def loss_fn(model, batch):
-        x0, y, noise, t = batch
-        return trigflow_loss(model, x0, y, noise=noise, t=t).mean()
+    get_batch, loss_fn = flow_matching_steps(data, cfg.batch_size, cfg.seed, LogNormalTime(sigma_d=cfg.sigma_d))
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="cosine",
                             weight_decay=0.0, grad_clip=1.0, log_every=25, seed=cfg.seed, out_dir=str(out_dir),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..core.config import Config, check_choice, check_positive_int, check_range
-from ..models.denoiser import LogNormalTime, TrigFlowDenoiser, trigflow_loss
+from ..models.denoiser import LogNormalTime, TrigFlowDenoiser, flow_matching_steps, trigflow_loss
 from .rcm import DistillConfig, distill
 from .samplers import consistency_sample, per_sample_noise, teacher_sample
 from .toy import AnalyticGMMTeacher, ToyMLP, ring, toy_metrics
@@ -280,17 +280,7 @@ def train_digits_teacher(data, cfg: RecipeConfig, seed: int = 0) -> TrigFlowDeno
     net = DiT(DiTConfig.from_preset("digits8", dim=cfg.dit_dim, depth=cfg.dit_depth, heads=4, qk_norm=True,
                                     time_scale=10.0))
     den = TrigFlowDenoiser(net, sigma_d=0.5)
-    times = LogNormalTime(-0.8, 1.6, 0.5)
-    batch = 64
-
-    def get_batch(step, rank, world):
-        x0, y = data.batch(batch, step, seed=seed)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return x0, y, torch.randn(x0.shape, generator=g), times(x0.shape[0], g)
-
-    def loss_fn(model, b):
-        x0, y, noise, t = b
-        return trigflow_loss(model, x0, y, noise=noise, t=t).mean()
+    get_batch, loss_fn = flow_matching_steps(data, 64, seed, LogNormalTime(-0.8, 1.6, 0.5))
 
     tcfg = TrainConfig(steps=cfg.init_steps, lr=2e-3, warmup_steps=min(50, cfg.init_steps), schedule="cosine", weight_decay=0.0,
                        grad_clip=1.0, log_every=100, seed=seed, progress=False, device="cpu", resume="never",

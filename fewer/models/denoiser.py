@@ -159,6 +159,23 @@ def trigflow_loss(denoiser: TrigFlowDenoiser, x0: torch.Tensor, y: torch.Tensor 
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def flow_matching_steps(data, batch_size: int, seed: int, times: TimeSampler):
+    """(get_batch, loss_fn) for ``fewer.train.train``: class-conditional TrigFlow flow matching on an
+    image set with ``batch(n, step, seed=)``. Images, noise and times are functions of (seed, step) only,
+    so a run is reproducible and resumes bit-exactly."""
+
+    def get_batch(step: int, rank: int, world_size: int):
+        x0, y = data.batch(batch_size, step, seed=seed)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return x0, y, torch.randn(x0.shape, generator=gen), times(x0.shape[0], gen)
+
+    def loss_fn(model, batch):
+        x0, y, noise, t = batch
+        return trigflow_loss(model, x0, y, noise=noise, t=t).mean()
+
+    return get_batch, loss_fn
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic ODE sampler
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from torch import nn
 
 from ...core.config import Config, ConfigError, check_choice, check_positive_int, check_range
 from ...core.seed import per_sample_generators, randn_per_sample
-from ...models.denoiser import LogNormalTime, TrigFlowDenoiser, sample_ode, trigflow_loss
+from ...models.denoiser import LogNormalTime, TrigFlowDenoiser, flow_matching_steps, sample_ode
 from ...models.dit import Attention, DiT, DiTConfig
 from .config import SLAConfig
 from .module import convert_to_sla_, projection_parameters, sla_modules
@@ -202,16 +202,7 @@ def flow_matching_train(denoiser: TrigFlowDenoiser, data, steps: int, lr: float,
     """fewer.train with the TrigFlow loss on data; batches, noise and times are functions of (seed, step)."""
     from ...train import TrainConfig, train
 
-    times = LogNormalTime(sigma_d=denoiser.sigma_d)
-
-    def get_batch(step: int, rank: int, world_size: int):
-        x0, y = data.batch(batch_size, step, seed=seed)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return x0, y, torch.randn(x0.shape, generator=gen), times(x0.shape[0], gen)
-
-    def loss_fn(model, batch):
-        x0, y, noise, t = batch
-        return trigflow_loss(model, x0, y, noise=noise, t=t).mean()
+    get_batch, loss_fn = flow_matching_steps(data, batch_size, seed, LogNormalTime(sigma_d=denoiser.sigma_d))
 
     train_cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, schedule="cosine", weight_decay=0.0,
                             grad_clip=1.0, log_every=max(1, steps // 10), seed=seed, out_dir="", progress=False,

@@ -106,6 +106,10 @@ def run(ctx) -> None:
         sweep = path.with_name(path.stem + "_lambda.csv")
         if sweep.exists():
             ctx.add_table(_table(_read(sweep), metrics), f"{title}: rCM lambda sweep, seed 0 ({sweep.name})")
+        calibrated = path.with_name(path.stem + "_rcm_lam0.1.csv")
+        if calibrated.exists():
+            rows = [r for r in _read(calibrated) if r["method"] == "rcm"]
+            ctx.add_table(_table(rows, metrics), f"{title}: rCM at lambda 0.1, mean ± std over seeds ({calibrated.name})")
     ablation = RESULTS / "distill_toy_scm_ablation.csv"
     if ablation.exists():
         rows = [{"variant": r["variant"], "steps": r["steps"],

@@ -221,46 +221,26 @@ def run_toy(cfg: RecipeConfig, progress: bool = True) -> dict[str, Any]:
                          lam="", **toy_metrics(gmm, t_an, ref)))
         rows.append(dict(method="MLP teacher (init)", steps=cfg.teacher_steps, nfe=2 * cfg.teacher_steps, seed=seed,
                          lam="", **toy_metrics(gmm, t_mlp, ref), sample_seconds=mlp_seconds, speedup=1.0))
-    methods = ["scm", "rcm", "dmd"] if cfg.methods == "all" else [cfg.methods]
 
-    def data_fn(step, gen):
-        x0, y, _ = gmm.sample(dcfg.batch_size, gen)
-        return x0, y
+    def data_for(dcfg):
+        def data_fn(step, gen):
+            x0, y, _ = gmm.sample(dcfg.batch_size, gen)
+            return x0, y
+        return data_fn
 
-    def evaluate(student, method, seed, lam, extra):
+    def evaluate(student, method, seed, lam, extra, out_rows):
         for k in steps_list:
             s = consistency_sample(student, noise, labels, steps=k)
             secs = timed(lambda: consistency_sample(student, noise, labels, steps=k))
-            rows.append(dict(method=method, steps=k, nfe=k, seed=seed, lam=lam, **toy_metrics(gmm, s, ref),
-                             sample_seconds=secs, speedup=mlp_seconds / secs, **extra))
+            out_rows.append(dict(method=method, steps=k, nfe=k, seed=seed, lam=lam, **toy_metrics(gmm, s, ref),
+                                 sample_seconds=secs, speedup=mlp_seconds / secs, **extra))
             if seed == 0:
                 samples[f"{method} {k}-step" + (f" lam={lam}" if lam != "" and method == "rcm" else "")] = s
 
-    for seed in range(cfg.seeds):
-        for method in methods:
-            dcfg = cfg.distill_config(method, seed)
-            student = copy.deepcopy(init)
-            res = distill(student, teacher, data_fn, dcfg, progress=False)
-            lam = dcfg.lam if method == "rcm" else ""
-            evaluate(student, method, seed, lam, {"train_seconds": res.seconds, "nonfinite": res.nonfinite_samples})
-            if progress:
-                last = [r for r in rows if r["method"] == method and r["seed"] == seed]
-                print(f"[toy] seed {seed} {method}: " + "; ".join(
-                    f"{r['steps']}-step prec {r['precision']:.3f} modes {r['modes_covered']:.0f} "
-                    f"energy {r['energy']:.4f}" for r in last) + f" ({res.seconds:.0f}s)", flush=True)
-    sweep_rows: list[dict[str, Any]] = []
-    for lam in cfg.lambdas():
-        dcfg = cfg.distill_config("rcm", 0, lam)
-        student = copy.deepcopy(init)
-        res = distill(student, teacher, data_fn, dcfg, progress=False)
-        before = len(rows)
-        evaluate(student, "rcm", 0, lam, {"train_seconds": res.seconds, "nonfinite": res.nonfinite_samples})
-        sweep_rows += rows[before:]
-        del rows[before:]
-        if progress:
-            print(f"[toy] lambda {lam}: " + "; ".join(f"{r['steps']}-step prec {r['precision']:.3f} "
-                                                    f"energy {r['energy']:.4f}" for r in sweep_rows[-len(steps_list):]),
-                  flush=True)
+    def describe(r):
+        return f"{r['steps']}-step prec {r['precision']:.3f} modes {r['modes_covered']:.0f} energy {r['energy']:.4f}"
+
+    sweep_rows = _distill_students(cfg, init, teacher, data_for, evaluate, rows, describe, "toy", progress)
     metrics = ["precision", "modes_covered", "modes_present", "paired_l2", "energy", "sample_seconds", "speedup"]
     return {"rows": rows, "summary": _summarise(rows, ("method", "steps", "nfe", "lam"), metrics),
             "sweep": sweep_rows, "samples": samples, "init_seconds": init_seconds, "sigma_d": sd}
@@ -333,10 +313,11 @@ def run_digits(cfg: RecipeConfig, progress: bool = True) -> dict[str, Any]:
         m = metrics_of(x)
         for seed in range(cfg.seeds):
             rows.append(dict(method="teacher, few steps", steps=k, nfe=2 * k, seed=seed, lam="", **m))
-    methods = ["scm", "rcm", "dmd"] if cfg.methods == "all" else [cfg.methods]
 
-    def data_fn(step, gen):
-        return data.batch(dcfg.batch_size, step, seed=dcfg.seed + 1)
+    def data_for(dcfg):
+        def data_fn(step, gen):
+            return data.batch(dcfg.batch_size, step, seed=dcfg.seed + 1)
+        return data_fn
 
     def evaluate(student, method, seed, lam, extra, out_rows):
         for k in steps_list:
@@ -347,35 +328,44 @@ def run_digits(cfg: RecipeConfig, progress: bool = True) -> dict[str, Any]:
             if seed == 0:
                 samples[f"{method} {k}-step" + (f" lam={lam}" if method == "rcm" else "")] = s.clamp(-1, 1)
 
-    for seed in range(cfg.seeds):
-        for method in methods:
-            dcfg = cfg.distill_config(method, seed)
-            student = copy.deepcopy(teacher)
-            res = distill(student, teacher, data_fn, dcfg, progress=False)
-            lam = dcfg.lam if method == "rcm" else ""
-            evaluate(student, method, seed, lam, {"train_seconds": res.seconds, "nonfinite": res.nonfinite_samples},
-                     rows)
-            if progress:
-                last = [r for r in rows if r["method"] == method and r["seed"] == seed]
-                print(f"[digits] seed {seed} {method}: " + "; ".join(
-                    f"{r['steps']}-step FD {r['frechet_distance']:.2f} acc {r['class_accuracy']:.3f} "
-                    f"div {r['diversity']:.2f}" for r in last) + f" ({res.seconds:.0f}s)", flush=True)
-    sweep_rows: list[dict[str, Any]] = []
-    for lam in cfg.lambdas():
-        dcfg = cfg.distill_config("rcm", 0, lam)
-        student = copy.deepcopy(teacher)
-        res = distill(student, teacher, data_fn, dcfg, progress=False)
-        evaluate(student, "rcm", 0, lam, {"train_seconds": res.seconds, "nonfinite": res.nonfinite_samples},
-                 sweep_rows)
-        if progress:
-            print(f"[digits] lambda {lam}: " + "; ".join(
-                f"{r['steps']}-step FD {r['frechet_distance']:.2f} div {r['diversity']:.2f}"
-                for r in sweep_rows[-len(steps_list):]), flush=True)
+    def describe(r):
+        return f"{r['steps']}-step FD {r['frechet_distance']:.2f} acc {r['class_accuracy']:.3f} div {r['diversity']:.2f}"
+
+    sweep_rows = _distill_students(cfg, teacher, teacher, data_for, evaluate, rows, describe, "digits", progress)
     metrics = ["frechet_distance", "class_accuracy", "precision", "recall", "diversity", "paired_l2",
                "sample_seconds", "speedup"]
     return {"rows": rows, "summary": _summarise(rows, ("method", "steps", "nfe", "lam"), metrics),
             "sweep": sweep_rows, "samples": samples, "init_seconds": init_seconds,
             "real_diversity": real["real_diversity"]}
+
+
+def _distill_students(cfg: RecipeConfig, init, teacher, data_for, evaluate, rows: list, describe, tag: str,
+                      progress: bool) -> list[dict[str, Any]]:
+    """Distil a copy of ``init`` with every method and seed (rows appended to ``rows`` by ``evaluate``), then
+    the rCM lambda sweep on seed 0; returns the sweep's rows. ``data_for(dcfg)`` gives the sCM data stream."""
+    methods = ["scm", "rcm", "dmd"] if cfg.methods == "all" else [cfg.methods]
+
+    def run(dcfg, method, lam, out_rows):
+        student = copy.deepcopy(init)
+        res = distill(student, teacher, data_for(dcfg), dcfg, progress=False)
+        before = len(out_rows)
+        evaluate(student, method, dcfg.seed, lam, {"train_seconds": res.seconds,
+                                                   "nonfinite": res.nonfinite_samples}, out_rows)
+        return out_rows[before:], res.seconds
+
+    for seed in range(cfg.seeds):
+        for method in methods:
+            dcfg = cfg.distill_config(method, seed)
+            new, seconds = run(dcfg, method, dcfg.lam if method == "rcm" else "", rows)
+            if progress:
+                print(f"[{tag}] seed {seed} {method}: " + "; ".join(map(describe, new)) + f" ({seconds:.0f}s)",
+                      flush=True)
+    sweep_rows: list[dict[str, Any]] = []
+    for lam in cfg.lambdas():
+        new, _ = run(cfg.distill_config("rcm", 0, lam), "rcm", lam, sweep_rows)
+        if progress:
+            print(f"[{tag}] lambda {lam}: " + "; ".join(map(describe, new)), flush=True)
+    return sweep_rows
 
 
 def run_recipe(cfg: RecipeConfig, out_dir: str | Path = "", progress: bool = True) -> dict[str, Any]:

@@ -115,20 +115,28 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return available[chosen].fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, config)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> None:
-    for name, t in (("query", q), ("key", k), ("value", v)):
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("query", "key", "value")
+              ) -> None:
+    """What every attention entry point requires of q, k, v ([..., L, D] tensors of one dtype and device, matching
+    head dims and key/value lengths); raises naming the inputs by ``names``."""
+    for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 3:
             raise ValueError(f"{name} must have at least 3 dims [..., L, D]; got shape {tuple(t.shape)}")
+    nq, nk, nv = names
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"query, key and value must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{nq}, {nk} and {nv} must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"query, key and value must be on one device; got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{nq}, {nk} and {nv} must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"query and key head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+        raise ValueError(f"{nq} and {nk} head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+        raise ValueError(f"{nk} and {nv} lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> None:
+    check_qkv(q, k, v)
     if q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]:
         if not enable_gqa:
             raise ValueError(f"query has {q.shape[1]} heads but key has {k.shape[1]}: pass enable_gqa=True for GQA/MQA")

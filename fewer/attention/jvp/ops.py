@@ -21,6 +21,7 @@ import torch
 
 from ...core.backend import AUTO, resolve_backend
 from ...core.capability import Capability, can_run_triton
+from ..dispatch import check_qkv
 from . import reference as ref
 
 MAX_HEAD_DIM = 128          # the kernel keeps a [BLOCK_M, D] tile of q, tq and two accumulators in registers
@@ -123,23 +124,10 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...] | None, scale) -> None:
-    names = ("q", "k", "v")
-    for name, t in zip(names, primals):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 3:
-            raise ValueError(f"{name} must have at least 3 dims [..., L, D]; got shape {tuple(t.shape)}")
     q, k, v = primals
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v, names=("q", "k", "v"))
     if not q.is_floating_point():
         raise ValueError(f"attention needs floating-point inputs; got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         raise ValueError(f"q, k and v need equal leading (batch, head) dims, no broadcasting or GQA here; got "
                          f"{tuple(q.shape[:-2])}, {tuple(k.shape[:-2])}, {tuple(v.shape[:-2])} (for GQA use "

@@ -59,16 +59,22 @@ def any_forward(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_fp32_kernels_match_fp64_reference(case, any_forward):
-    cfg, q, k, v, mode = _inputs(case, torch.float32)
-    plan = plan_blocks(q, k, cfg)
-    assert linear_mode_for(plan, cfg) == mode
+def _fp32_kernel_and_fp64_reference(cfg, plan, q, k, v):
+    """(O_s, O_l, dQ, dK, dV) of the fp32 kernels and of the fp64 reference, for the same random output grads."""
     g_s = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
     g_l = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
     got = _grads(lambda a, b, c: sla_parts(a, b, c, cfg, plan=plan)[:2], q, k, v, g_s, g_l, torch.float32)
     ref = _grads(lambda a, b, c: sla_parts_reference(a, b, c, cfg, plan=plan, compute_dtype=torch.float64),
                  q, k, v, g_s, g_l, torch.float64)
+    return got, ref
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_kernels_match_fp64_reference(case, any_forward):
+    cfg, q, k, v, mode = _inputs(case, torch.float32)
+    plan = plan_blocks(q, k, cfg)
+    assert linear_mode_for(plan, cfg) == mode
+    got, ref = _fp32_kernel_and_fp64_reference(cfg, plan, q, k, v)
     for name, a, b in zip(("o_s", "o_l", "dq", "dk", "dv"), got, ref):
         tol = TOLERANCES["kernel_fp32_fwd" if name.startswith("o") else "kernel_fp32_bwd"]
         if name == "o_l" and mode == MODE_NONE and cfg.linear_scope == "complement":
@@ -241,10 +247,6 @@ def test_preloaded_totals_fp32_match_fp64_reference(case, monkeypatch):
     monkeypatch.setattr(sla_triton, "PRELOAD_TOTALS", True)
     cfg, q, k, v, mode = _inputs(case, torch.float32)
     plan = plan_blocks(q, k, cfg)
-    g_s = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
-    g_l = torch.randn(q.shape, dtype=torch.float64, device=DEVICE)
-    got = _grads(lambda a, b, c: sla_parts(a, b, c, cfg, plan=plan)[:2], q, k, v, g_s, g_l, torch.float32)
-    ref = _grads(lambda a, b, c: sla_parts_reference(a, b, c, cfg, plan=plan, compute_dtype=torch.float64),
-                 q, k, v, g_s, g_l, torch.float64)
+    got, ref = _fp32_kernel_and_fp64_reference(cfg, plan, q, k, v)
     for name, a, b in zip(("o_s", "o_l", "dq", "dk", "dv"), got, ref):
         assert rel_l2(a, b) < TOLERANCES["kernel_fp32_fwd"], f"{case} {name}: {rel_l2(a, b):.3e}"

@@ -175,18 +175,13 @@ def _jvp_attention_fwd_kernel(
     if INTERPRETER:
         # The interpreter (numpy >= 2.4) cannot pass a runtime int to range(); a while loop
         # works there. Compiled code keeps the for loops, which Triton software-pipelines.
+        # (MASKED is a plain bool here: the interpreter takes it at run time)
         start_n = 0
         while start_n < hi:
-            if start_n < full_stop:
-                m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
-                    start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
-                    offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
-                    False, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
-            else:
-                m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
-                    start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
-                    offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
-                    True, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
+            m_i, l_i, r_i, c_i, acc_o, acc_t = _attend_key_block(
+                start_n, q, tq, k_base, tk_base, v_base, tv_base, stride_kl, stride_tkl, stride_vl, stride_tvl,
+                offs_m, offs_n, dk_ok, dv_ok, len_k, scale, m_i, l_i, r_i, c_i, acc_o, acc_t,
+                start_n >= full_stop, IS_CAUSAL, WITH_TANGENT, RESCALE_SLACK, DOT_PRECISION, INTERPRETER, MANUAL_BF16)
             start_n += BLOCK_N
     else:
         for start_n in range(0, full_stop, BLOCK_N):

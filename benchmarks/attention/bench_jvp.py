@@ -208,7 +208,7 @@ def kernel_report():
                 ptx = compiled.asm.get("ptx", "")
                 waits = sorted(set(ln.strip() for ln in ptx.splitlines() if "wgmma.wait_group" in ln))
                 lines.append(f"compiled: regs={compiled.n_regs} spills={compiled.n_spills} shared={md.shared} "
-                             f"warps={md.num_warps} stages={md.num_stages} consts={md.constants if hasattr(md, 'constants') else ''} "
+                             f"warps={md.num_warps} stages={md.num_stages} "
                              f"wgmma={ptx.count('wgmma.mma_async')} waits={waits}")
     except Exception as exc:  # reporting only
         lines.append(f"kernel report unavailable: {type(exc).__name__}: {exc}")

@@ -347,6 +347,7 @@ def main() -> int:
     parser.add_argument("--no-tune", action="store_true", help="one tile per format instead of a small sweep")
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1), help="parallel compile processes")
     parser.add_argument("--out", default=None, help="also write the CSVs here (e.g. $OUT)")
+    parser.add_argument("--tag", default="v4", help="suffix of the CSV names (formats_quantize_<tag>.csv, ...)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.smoke or not torch.cuda.is_available():
@@ -387,13 +388,14 @@ def main() -> int:
             except Exception as exc:  # an ablation: never fatal
                 print(f"  ablation (hardware cvt off) failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         if args.out:   # after each shape, so a timeout still leaves numbers
-            paths = [bench.write_csv(rows, "formats", "quantize", results_dir=args.out),
-                     bench.write_csv(check_rows, "formats", "quantize_check", results_dir=args.out)]
+            paths = [bench.write_csv(rows, "formats", f"quantize_{args.tag}", results_dir=args.out),
+                     bench.write_csv(check_rows, "formats", f"quantize_check_{args.tag}", results_dir=args.out)]
             if sweep_rows:
-                paths.append(bench.write_csv(sweep_rows, "formats", "quantize_tiles", results_dir=args.out))
-    paths += [bench.write_csv(rows, "formats", "quantize"), bench.write_csv(check_rows, "formats", "quantize_check")]
+                paths.append(bench.write_csv(sweep_rows, "formats", f"quantize_tiles_{args.tag}", results_dir=args.out))
+    paths += [bench.write_csv(rows, "formats", f"quantize_{args.tag}"),
+              bench.write_csv(check_rows, "formats", f"quantize_check_{args.tag}")]
     if sweep_rows:
-        paths.append(bench.write_csv(sweep_rows, "formats", "quantize_tiles"))
+        paths.append(bench.write_csv(sweep_rows, "formats", f"quantize_tiles_{args.tag}"))
     print("wrote", *paths)
     summary = [{k: r.get(k, "") for k in ("shape", "format", "rounding", "variant", "tile", "num_warps", "vec",
                                           "programs_per_sm", "median_ms", "gbs", "pct_of_copy", "n_regs")} for r in rows]

@@ -30,9 +30,11 @@ def hash32(x):
 
 
 @triton.jit
-def uniform_bits(key, index):
-    h = hash32(index ^ key.to(tl.uint32))
-    return (h >> 8).to(tl.int32)          # 24 random bits; u = k * 2^-24
+def group_bits(key, first, pos):
+    """8 random bits per element: byte ``pos`` (0..3) of hash32(first XOR key), ``first`` the source index of the
+    first element of the element's group of 4 along the quantized dimension (rounding.counter_bits)."""
+    h = hash32(first ^ key.to(tl.uint32))
+    return ((h >> (pos * 8).to(tl.uint32)) & 255).to(tl.int32)
 
 
 @triton.jit
@@ -72,38 +74,45 @@ def quantize_code(a, k, negative, MANT: tl.constexpr, BIAS: tl.constexpr, INTEGE
                   STOCHASTIC: tl.constexpr, SIGN_SHIFT: tl.constexpr):
     """Magnitudes a (<= element max) -> signed element codes, rounding on the fp32 bits.
 
-    Same function as reference.round_magnitude + encoding, computed with fewer instructions: in
-    the normal range, adding (2^SHIFT - 1 + lsb) [nearest-even] or (2^SHIFT - 1 - k') [stochastic,
-    k' = the top SHIFT bits of the 24-bit random k] to the fp32 bits and dropping SHIFT = 23 - MANT
-    bits rounds the mantissa, a carry moving into the exponent; what is left is the element code
-    plus (127 - BIAS) << MANT. Below the smallest normal (and for INT8) the grid is uniform:
+    Same function as reference.round_magnitude + encoding, computed with fewer instructions.
+    Nearest-even: in the normal range, adding 2^(SHIFT-1) - 1 + lsb to the fp32 bits and dropping
+    SHIFT = 23 - MANT bits rounds the mantissa, a carry moving into the exponent; what is left is the
+    element code plus (127 - BIAS) << MANT. Below the smallest normal (and for INT8) the grid is uniform:
     y = a / smallest step is rounded with the 1.5*2^23 trick, whose low bits then hold the integer.
-    SR here goes up iff (k >> (24 - SHIFT)) < dropped bits, i.e. iff k * 2^-24 < frac(y): the
-    reference's rule, so SR agrees bit for bit.
+    Stochastic (k = 8 random bits r): the bits of a (below the smallest normal: of fl(a + 2^emin); INT8:
+    of fl(a + 128), a format with 7 mantissa bits) plus 2^SHIFT - 1 - 2^(SHIFT-9) - r * 2^(SHIFT-8), then
+    SHIFT bits dropped: rounding.round_magnitude's rule, so SR agrees bit for bit.
     """
-    if INTEGER:
-        y = a
-    else:
-        y = a * (2.0 ** (BIAS - 1 + MANT))
     if STOCHASTIC:
-        if MANT == 1 and not INTEGER:
-            low = (y >= 1.0).to(tl.float32)     # = floor(y) wherever `small` is used (a < 1: y < 2)
+        MS: tl.constexpr = 7 if INTEGER else MANT
+        SH: tl.constexpr = 23 - MS
+        ADD: tl.constexpr = (1 << SH) - 1 - (1 << (SH - 9))
+        if INTEGER:
+            bits = (a + 128.0).to(tl.int32, bitcast=True)
+            m = ((bits + ADD - (k << (SH - 8))) >> SH) - (134 << 7)
+            code = tl.where(negative, -m, m)
         else:
-            low = tl.floor(y)
-        y = low + ((k.to(tl.float32) * (1.0 / 16777216.0)) < (y - low)).to(tl.float32)
-    small = (y + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+            LIM: tl.constexpr = 2.0 ** (1 - BIAS)
+            small = a < LIM
+            bits = tl.where(small, a + LIM, a).to(tl.int32, bitcast=True)
+            m = ((bits + ADD - (k << (SH - 8))) >> SH) - tl.where(small, ((127 - BIAS) << MANT) + (1 << MANT),
+                                                                   (127 - BIAS) << MANT)
+            code = m | (negative.to(tl.int32) << SIGN_SHIFT)
+        return code
     if INTEGER:
-        code = tl.where(negative, -small, small)
-    else:
-        SHIFT: tl.constexpr = 23 - MANT
-        bits = a.to(tl.int32, bitcast=True)
-        if STOCHASTIC:
-            rounded = bits + (((1 << SHIFT) - 1) - (k >> (24 - SHIFT)))
-        else:
-            rounded = bits + (((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1))
-        normal = (rounded >> SHIFT) - ((127 - BIAS) << MANT)
-        code = tl.where(a < 2.0 ** (1 - BIAS), small, normal) | (negative.to(tl.int32) << SIGN_SHIFT)
-    return code
+        small = (a + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+        return tl.where(negative, -small, small)
+    # Nearest-even with one float addition (v4): for a in binade e (e >= emin; below the smallest normal e = emin)
+    # the grid step is 2^(e - MANT), and M = 1.5 * 2^(e - MANT + 23) has exactly that ulp, so fl(a + M) = M + m * step
+    # with m = a / step rounded half to even (one IEEE rounding); m is the mantissa part of the code and the binade
+    # adds (e - emin) << MANT. M's bits come from a's exponent field, no branch between normal and subnormal.
+    EMIN: tl.constexpr = 1 - BIAS
+    bits = a.to(tl.int32, bitcast=True)
+    e_bits = tl.maximum(bits & 0x7F800000, (127 + EMIN) << 23)
+    magic = e_bits + (((23 - MANT) << 23) + 0x400000)
+    t = (a + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    code = (t - magic) + ((e_bits >> (23 - MANT)) - ((127 + EMIN) << MANT))
+    return code | (negative.to(tl.int32) << SIGN_SHIFT)
 
 
 @triton.jit
@@ -139,18 +148,48 @@ def amax_partial_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def div_by_const(a, c: tl.constexpr, FAST: tl.constexpr):
+    """a / c rounded to nearest-even (IEEE) for a >= 0 and a positive constant c (127, 448, 57344, 2688).
+
+    FAST (GPU): q0 = a * fl(1/c), then one FMA correction with the exact remainder fma(-q0, c, a): three
+    instructions instead of a full division. Equal to IEEE division for every float32 mantissa (checked for these c
+    in tests/formats/test_const_division.py; scale invariance covers every binade where q0 and the remainder stay
+    normal, a >= 2^-100). Below 2^-100, a is scaled by 2^64 first and the quotient by 2^-64 after (exact while the
+    quotient is normal, i.e. a >= c * 2^-126; below that the twin's 1/s overflows anyway). The interpreter takes div_rn.
+    """
+    if FAST:
+        tiny = a < 7.888609052210118e-31                    # 2^-100
+        a_s = tl.where(tiny, a * 18446744073709551616.0, a)  # * 2^64
+        rc = tl.math.div_rn(1.0, c)
+        q0 = a_s * rc
+        q = tl.math.fma(tl.math.fma(-q0, c, a_s), rc, q0)
+        return tl.where(tiny, q * 5.421010862427522e-20, q)  # * 2^-64
+    else:
+        return tl.math.div_rn(a, c)
+
+
+@triton.jit
+def recip_rn(s, FAST: tl.constexpr):
+    """1/s rounded to nearest-even: PTX rcp.rn.f32 on the GPU (IEEE by definition, cheaper than div.rn.f32)."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.rn.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.math.div_rn(1.0, s)
+
+
+@triton.jit
 def block_factors(amax, encode_factor, s2, EMAX: tl.constexpr, EMAXEXP: tl.constexpr, SCALE: tl.constexpr,
                   SCALE_ROUND: tl.constexpr, HW_CVT: tl.constexpr):
     """Per block: (multiplier applied to x, scale value to store). Mirrors reference.quantize."""
     if SCALE == 0:
-        s = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, EMAX))
-        return tl.math.div_rn(1.0, s), s
+        s = tl.where(amax == 0.0, 1.0, div_by_const(amax, EMAX, HW_CVT))
+        return recip_rn(s, HW_CVT), s
     elif SCALE == 3:
         e = e8m0_exponent(amax, EMAX, EMAXEXP, SCALE_ROUND)
         return exp2i(-e), e.to(tl.float32)
     else:
         sb = nvfp4_block_scale(amax, encode_factor, SCALE_ROUND, HW_CVT)
-        return tl.math.div_rn(1.0, sb * s2), sb
+        return recip_rn(sb * s2, HW_CVT), sb
 
 
 @triton.jit
@@ -329,7 +368,13 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
     in_g = (m0 + offs_g * RPT) < M                                           # M is a multiple of RPT
     x = xin.to(tl.float32)
     if STOCHASTIC:
-        index = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]  # mod 2^32
+        # SR: one hash per 4 consecutive elements along the quantized dimension (rounding.counter_uniform): the row
+        # operand's group starts at k & ~3, the column operand's at row & ~3; counters are source indices mod 2^32
+        row_base = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None]
+        first_row = row_base + (offs_k & ~3).to(tl.uint32)[None, None, :]
+        pos_row = (offs_k & 3)[None, None, :]
+        first_col = ((rows & ~3).to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]
+        pos_col = (rows & 3)[:, :, None]
 
     if DO_ROW:
         NBK: tl.constexpr = BK // BLOCK
@@ -337,8 +382,8 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
         amax = tl.max(tl.abs(x4), axis=3)                                    # [NG, RPT, NBK]
         if SCALE == 2:
             o_amax = tl.max(amax, axis=2)                                    # BK == 128: the row's outer block
-            s2o = tl.where(o_amax == 0.0, 1.0, tl.math.div_rn(o_amax, 2688.0))
-            factor, stored = block_factors(amax, tl.math.div_rn(1.0, s2o * 6.0)[:, :, None], s2o[:, :, None],
+            s2o = tl.where(o_amax == 0.0, 1.0, div_by_const(o_amax, 2688.0, HW_CVT))
+            factor, stored = block_factors(amax, recip_rn(s2o * 6.0, HW_CVT)[:, :, None], s2o[:, :, None],
                                            EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
         elif SCALE == 1:
             factor, stored = nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND, HW_CVT)
@@ -346,9 +391,9 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
             factor, stored = block_factors(amax, encode_factor, s2, EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
         k = x4.to(tl.int32, bitcast=True)
         if STOCHASTIC:
-            k = uniform_bits(key_row, tl.reshape(index, (NG, RPT, NBK, BLOCK)))
+            k = tl.reshape(group_bits(key_row, first_row, pos_row), (NG, RPT, NBK, BLOCK))
         codes = encode_elements(x4 * factor[:, :, :, None], k, MANT, BIAS, INTEGER, STOCHASTIC, SIGN_SHIFT, EMAX,
-                                CLAMP, HW_ROW)
+                                CLAMP, 2 if HW_ROW else 0)
         words = tl.sum(tl.reshape(codes, (NG, RPT, BK // W, W)) << (tl.arange(0, W) * CB), axis=3)
         offs_w = k0 // W + tl.arange(0, BK // W)
         tl.store(row_data_ptr + rows.to(tl.int64)[:, :, None] * (K // W) + offs_w[None, None, :], words,
@@ -369,8 +414,8 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
             amax = g_amax
         if SCALE == 2:
             o_amax = tl.max(amax, axis=0)                                    # BM == 128: the column's outer block
-            s2o = tl.where(o_amax == 0.0, 1.0, tl.math.div_rn(o_amax, 2688.0))
-            factor, stored = block_factors(amax, tl.math.div_rn(1.0, s2o * 6.0)[None, :], s2o[None, :],
+            s2o = tl.where(o_amax == 0.0, 1.0, div_by_const(o_amax, 2688.0, HW_CVT))
+            factor, stored = block_factors(amax, recip_rn(s2o * 6.0, HW_CVT)[None, :], s2o[None, :],
                                            EMAX, EMAXEXP, SCALE, SCALE_ROUND, HW_CVT)
         elif SCALE == 1:
             factor, stored = nvfp4_table_factors(amax, encode_factor, table_ptr, SCALE_ROUND, HW_CVT)
@@ -380,7 +425,7 @@ def quantize_tile(xin, pid_m, pid_k, M, K, s2, encode_factor, table_ptr,
             factor = tl.reshape(tl.broadcast_to(factor[:, None, :], (NBC, GB, BK)), (NG, BK))
         k = x.to(tl.int32, bitcast=True)
         if STOCHASTIC:
-            k = uniform_bits(key_col, index)
+            k = group_bits(key_col, first_col, pos_col)
         # column-wise FP8 codes: explicit cvt PTX (HW_COL; Triton's fp8 cast differed from the reference here on
         # an H200, v3a), else the arithmetic path
         codes = encode_elements(x * factor[:, None, :], k, MANT, BIAS, INTEGER, STOCHASTIC, SIGN_SHIFT, EMAX,
@@ -452,9 +497,10 @@ def quantize_tile_2d(xin, pid_m, pid_k, M, K, encode_factor, table_ptr,
     k_row = v.to(tl.int32, bitcast=True)
     k_col = k_row
     if STOCHASTIC:
-        index = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]
-        k_row = uniform_bits(key_row, index)
-        k_col = uniform_bits(key_col, index)
+        first_row = (rows.to(tl.uint32) * K.to(tl.uint32))[:, :, None] + (offs_k & ~3).to(tl.uint32)[None, None, :]
+        first_col = ((rows & ~3).to(tl.uint32) * K.to(tl.uint32))[:, :, None] + offs_k.to(tl.uint32)[None, None, :]
+        k_row = group_bits(key_row, first_row, (offs_k & 3)[None, None, :])
+        k_col = group_bits(key_col, first_col, (rows & 3)[:, :, None])
     codes = encode_elements(v, k_row, 1, 1, False, STOCHASTIC, 3, 6.0, True, 0)
     offs_b = pid_k * NBK + tl.arange(0, NBK)
     scale_mask = in_g[:, None] & (offs_b < K // 16)[None, :]

@@ -6,11 +6,18 @@ binade of a magnitude comes from its exponent bits, the grid step is a power of 
 bits, and dividing by it is exact. Nearest-even uses ``torch.round`` (the kernels use the
 1.5*2^23 trick, which is the same function on |y| < 2^22).
 
-Stochastic rounding (SR) of a magnitude ``a`` between grid neighbours lo < a < hi returns hi
-with probability (a - lo)/(hi - lo), so E[SR(a)] = a as long as ``a`` is not clipped. Uniform
-numbers come from either an explicit ``torch.Generator`` (``torch.rand``) or a seed; a seed
-drives a counter-based hash of (seed, element index), the same stream the kernels draw, so SR in
-the kernels equals its PyTorch twin bit for bit.
+Stochastic rounding (SR) works like the hardware's ``cvt.rs``: it takes ``SR_BITS`` = 8 random
+bits r per element and rounds a magnitude ``a`` between grid neighbours lo < a < hi up iff
+(r + 1/2) / 256 < (a - lo)/(hi - lo), i.e. with probability round(256 f)/256 for f = (a - lo)/(hi - lo)
+(halves rounded down), so |E[SR(a)] - a| <= 2^-9 (hi - lo): unbiased up to 2^-(SR_BITS+1) of a grid step,
+0 on average over f, as long as ``a`` is not clipped. Below the smallest normal (and for INT8, whose grid
+is uniform), the magnitude is first taken through one float32 addition, fl(a + 2^emin) (fl(a + 128) for
+INT8), whose fraction bits then decide; that pre-rounding moves ``a`` by at most 2^-(24 - mantissa bits)
+of a grid step (2^-17 for INT8), far below the 2^-9 above. Random bits come from either an explicit
+``torch.Generator`` (``torch.rand``, the top 8 bits of each uniform) or a seed; a seed drives a
+counter-based hash in which one 32-bit word serves ``SR_GROUP`` = 4 consecutive elements along the
+quantized dimension (byte j for the j-th element of the group), the same stream the kernels draw,
+so SR in the kernels equals its PyTorch twin bit for bit.
 """
 
 from __future__ import annotations
@@ -82,11 +89,28 @@ def stream_key(seed: int, stream: int = 0) -> int:
     return _hash32_int(_hash32_int(int(seed)) ^ _hash32_int(0x9E3779B9 + int(stream))) & 0x7FFFFFFF
 
 
+SR_BITS = 8          # random bits per element (cvt.rs-style: one 32-bit word per SR_GROUP converted values)
+SR_GROUP = 4         # consecutive elements along the quantized dimension that share one hash
+
+
+def counter_bits(key: int, counter: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """SR_BITS random bits per element: byte ``position`` (0..3) of hash32(counter XOR key), as int64 in [0, 256)."""
+    h = hash32((counter.to(torch.int64) & _MASK32) ^ key)
+    return (h >> (SR_BITS * position.to(torch.int64))) & ((1 << SR_BITS) - 1)
+
+
 def counter_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform float32 numbers in [0, 1) with 24 random bits, one per element index (mod 2^32)."""
-    idx = index.to(torch.int64) & _MASK32
-    h = hash32(idx ^ key)      # one mixing round per element: SR's cost in the kernels is integer ALU work
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    """The seed stream along the last dimension of ``index`` (source element indices), as uniforms (r + 1/2)/256.
+
+    Element c of a row takes byte c % 4 of the hash of the source index of element c - c % 4 (the first
+    element of its group of SR_GROUP along the last dimension), so every group has its own counter.
+    """
+    index = index.to(torch.int64)
+    cols = torch.arange(index.shape[-1], device=index.device) if index.dim() else torch.zeros((), dtype=torch.int64)
+    pos = cols % SR_GROUP
+    first = torch.gather(index, -1, (cols - pos).expand_as(index)) if index.dim() else index
+    r = counter_bits(key, first, pos.expand_as(index) if index.dim() else pos)
+    return (r.to(torch.float32) + 0.5) * (1.0 / (1 << SR_BITS))
 
 
 def uniform_noise(shape, *, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
@@ -94,8 +118,9 @@ def uniform_noise(shape, *, generator: Optional[torch.Generator] = None, seed: O
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform [0, 1) noise for SR. Exactly one of ``generator`` / ``seed`` must be given.
 
-    With ``seed``, element i of the result uses counter ``index[i]`` (default: its flat position),
-    which lets a transposed operand draw the numbers of its source elements.
+    With ``seed``, the numbers are the counter stream along the last dimension of ``index`` (default: the flat
+    positions), which lets a transposed operand draw the numbers of its own source elements. SR uses
+    the top SR_BITS bits of each number (``round_magnitude``).
     """
     if (generator is None) == (seed is None):
         raise ValueError("stochastic rounding needs exactly one of generator= (a torch.Generator) "
@@ -122,21 +147,41 @@ def grid_step(a: torch.Tensor, element: ElementFormat) -> tuple[torch.Tensor, to
     return exp2_int(e - element.mantissa_bits), exp2_int(element.mantissa_bits - e)
 
 
+def _stochastic_bits(a: torch.Tensor, element: ElementFormat, noise: torch.Tensor) -> torch.Tensor:
+    """SR of magnitudes ``a`` with the top SR_BITS bits r of ``noise``, on the float32 bits (the kernels' rule).
+
+    SHIFT = 23 - mantissa bits fraction bits are dropped; adding 2^SHIFT - 1 - 2^(SHIFT-9) - r * 2^(SHIFT-8)
+    before dropping them carries into the kept bits iff (2r + 1) * 2^(SHIFT-9) < dropped bits, i.e. iff
+    (r + 1/2)/256 < the fraction of a grid step. Below the smallest normal (INT8: everywhere) the bits are
+    those of fl(a + lim), lim = 2^emin (INT8: 128, read as a format with 7 mantissa bits), then lim is taken
+    off again (exact).
+    """
+    mant = 7 if element.is_integer else element.mantissa_bits
+    lim = 128.0 if element.is_integer else 2.0 ** element.min_exponent
+    shift = 23 - mant
+    r = torch.floor(noise.to(torch.float32) * (1 << SR_BITS)).to(torch.int32).clamp(0, (1 << SR_BITS) - 1)
+    small = a < lim
+    bits = torch.where(small, a + lim, a).view(torch.int32)
+    add = ((1 << shift) - 1 - (1 << (shift - 9))) - (r << (shift - SR_BITS))
+    rounded = (((bits + add) >> shift) << shift).view(torch.float32)
+    return torch.where(small, rounded - lim, rounded)
+
+
 def round_magnitude(a: torch.Tensor, element: ElementFormat, mode: str,
                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Round magnitudes ``a`` (float32, >= 0, already clamped to the element max) onto the grid.
 
-    ``mode``: "nearest" (ties to even), "stochastic" (needs ``noise`` in [0, 1)), "up" (ceiling).
+    ``mode``: "nearest" (ties to even), "stochastic" (needs ``noise`` in [0, 1), of which SR_BITS bits
+    are used; see the module docstring for the exact rule and its 2^-9-of-a-step bound), "up" (ceiling).
     """
+    if mode == "stochastic":
+        if noise is None:
+            raise ValueError("stochastic rounding needs a noise tensor")
+        return _stochastic_bits(a, element, noise)
     step, inv_step = grid_step(a, element)
     y = a * inv_step                      # exact: a power-of-two rescale
     if mode == "nearest":
         q = torch.round(y)                # half to even
-    elif mode == "stochastic":
-        if noise is None:
-            raise ValueError("stochastic rounding needs a noise tensor")
-        low = torch.floor(y)
-        q = low + (noise < (y - low)).to(torch.float32)
     elif mode == "up":
         q = torch.ceil(y)
     else:

@@ -34,9 +34,8 @@ from .rounding import stream_key
 from .spec import E2M1, E4M3, E5M2, INT8_ELEMENT, FormatSpec, get_spec
 
 _SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 2}
-# FP8 RTN element codes through the hardware cvt (sm_89+): row-wise with Triton's fp8 cast, column-wise with
-# explicit cvt PTX. Only with vec <= 4: with vec = 8 Triton's cast gave codes that differed from the reference
-# on an H200 (v3 tile sweep), so wider vectors take the arithmetic path. False: arithmetic everywhere.
+# FP8 RTN element codes through the hardware cvt (sm_89+), as explicit cvt.rn.satfinite PTX in both directions (v4;
+# v3 used Triton's fp8 cast for rows, which gave wrong codes with vec = 8 on an H200). False: arithmetic everywhere.
 HW_ELEMENT_CVT = True
 LAST_COMPILED = None     # the last launched compiled kernel (benchmarks read n_regs / n_spills off it)
 FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double",
@@ -247,6 +246,20 @@ def _output_shapes(spec: FormatSpec, M: int, K: int, block: int, rowwise: bool, 
     return out
 
 
+def kernel_meta(spec: FormatSpec, block: int, BM: int, BK: int, vec: int, warps: int, rounding: str,
+                scale_rounding: str, rowwise: bool, colwise: bool, hw: bool) -> dict:
+    """The kernel's compile-time arguments (also used by benchmarks/formats/sass_count.py offline)."""
+    element, kind = spec.element, _scale_kind(spec)
+    hw_elem = hw and HW_ELEMENT_CVT           # FP8 RTN codes through explicit cvt PTX, both directions, any vec
+    return dict(BM=BM, BK=BK, BLOCK=block, RPT=ROWS_PER_THREAD, VEC=vec, MANT=element.mantissa_bits or 0,
+                BIAS=0 if element.is_integer else 1 - element.min_exponent,
+                INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
+                EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
+                SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
+                DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem, BLOCK2D=_is_2d(spec),
+                num_warps=warps, num_stages=1)
+
+
 def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,
             tensor_amax_in, BM, BK, num_warps, vec, programs_per_sm):
     spec = get_spec(fmt)
@@ -267,15 +280,8 @@ def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, str
     _, kernel = _kernels()
     n_tiles = -(-M // BM) * -(-K // BK)
     warps = num_warps or default_warps(BM, BK, vec)
-    hw = _hardware_fp8_cvt(x.device)
-    hw_elem = hw and HW_ELEMENT_CVT and vec <= 4
-    meta = dict(BM=BM, BK=BK, BLOCK=block, RPT=ROWS_PER_THREAD, VEC=vec, MANT=element.mantissa_bits or 0,
-                BIAS=0 if element.is_integer else 1 - element.min_exponent,
-                INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
-                EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
-                SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
-                DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem, BLOCK2D=_is_2d(spec),
-                num_warps=warps, num_stages=1)
+    meta = kernel_meta(spec, block, BM, BK, vec, warps, rounding, scale_rounding, rowwise, colwise,
+                       _hardware_fp8_cvt(x.device))
     table = torch.empty(256, device=x.device, dtype=torch.float32) if kind == 1 else dummy   # 1/(s_b s2), see kernel
     kargs = (x, M, K, x.stride(0), *args[:6], args[6], table, key_row, key_col)
     if x.device.type == "cuda":

@@ -110,9 +110,50 @@ def test_generator_and_seed_streams_are_reproducible_and_distinct():
 
 
 def test_counter_stream_is_uniform():
-    u = counter_uniform(stream_key(11), torch.arange(200000))
-    hist = torch.histc(u, bins=20, min=0, max=1)
-    expected = 200000 / 20
+    # 8 random bits per element: 256 levels (r + 1/2)/256, each equally likely; neighbours (bytes of one hash word
+    # and across words) uncorrelated
+    u = counter_uniform(stream_key(11), torch.arange(262144))
+    levels = torch.floor(u * 256)
+    assert torch.equal(u, (levels + 0.5) / 256)
+    hist = torch.bincount(levels.to(torch.int64), minlength=256).float()
+    expected = 262144 / 256
     chi2 = ((hist - expected) ** 2 / expected).sum().item()
-    assert chi2 < 45                                       # 19 dof: p ~ 0.001
+    assert chi2 < 330                                      # 255 dof: p ~ 0.001
     assert abs(u[:-1].sub(0.5).mul(u[1:].sub(0.5)).mean().item()) < 0.002   # no lag-1 correlation
+    assert abs(u[:-4].sub(0.5).mul(u[4:].sub(0.5)).mean().item()) < 0.002   # nor between words
+
+
+def test_one_hash_word_serves_four_elements_along_the_last_dim():
+    from fewer.formats.rounding import SR_BITS, counter_bits, hash32
+    key = stream_key(5, 1)
+    index = torch.arange(24).view(2, 12) * 7 + 3               # any source indices (e.g. a transposed view)
+    u = counter_uniform(key, index)
+    for r in range(2):
+        for c in range(12):
+            word = hash32(torch.tensor((index[r, c - c % 4].item() ^ key) & 0xFFFFFFFF))
+            byte = (word >> (SR_BITS * (c % 4))) & 255
+            assert u[r, c].item() == (byte.item() + 0.5) / 256
+    assert torch.equal(counter_bits(key, index[:, :1], torch.zeros(2, 1)), torch.floor(u[:, :1] * 256).long())
+
+
+def test_sr_residual_bias_is_below_the_documented_bound():
+    """SR with 8 random bits: |E[SR(a)] - a| <= 2^-9 of a grid step, computed exactly over all 256 values of r."""
+    from fewer.formats.rounding import SR_BITS, round_magnitude
+    g = torch.Generator().manual_seed(0)
+    levels = (torch.arange(256, dtype=torch.float32) + 0.5) / 256          # every value of r once: the exact mean
+    for element in ELEMENTS:
+        grid = representable_values(element)
+        grid = grid[grid >= 0]
+        lo_idx = torch.randint(0, grid.numel() - 1, (400,), generator=g)
+        lo, hi = grid[lo_idx], grid[lo_idx + 1]
+        frac = torch.cat([torch.rand(392, generator=g), torch.tensor([0.5, 1 / 512, 3 / 512, 0.25 + 1 / 1024,
+                                                                      1 - 1 / 512, 1e-6, 0.999999, 0.75])])
+        a = (lo + frac * (hi - lo)).to(torch.float32)
+        a = torch.minimum(torch.maximum(a, lo), hi)
+        q = round_magnitude(a[:, None].expand(-1, 256), element, "stochastic", levels[None, :].expand(a.numel(), -1))
+        assert ((q == lo[:, None]) | (q == hi[:, None])).all()                   # only the two neighbours
+        bias = (q.double().mean(1) - a.double()) / (hi - lo).double()
+        bound = 2.0 ** -(SR_BITS + 1) + 2.0 ** -16          # + the float32 pre-rounding below the smallest normal
+        assert bias.abs().max().item() <= bound, (element.name, bias.abs().max().item())
+        # and the rule is centred: over many fractions the residual averages out (not one-sided like truncation)
+        assert abs(bias.mean().item()) < 2.0 ** -(SR_BITS + 4)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from fewer.attention import reference_attention
 from fewer.attention.sage import SageConfig, sage_attention
 from fewer.bench import attention_flops, environment, print_table, time_ms, write_csv
+
+bench_time_ms = time_ms
 from fewer.core import cos_sim, error_report, rel_l1
 
 
@@ -45,7 +47,7 @@ def _inputs(b, hq, hk, lq, lk, d, *, dtype=torch.bfloat16, v_bias=2.0, k_bias=0.
     return q, k, v
 
 
-def gpu_checks(quick: bool = False) -> list[dict]:
+def gpu_checks(quick: bool = False, mini: bool = False) -> list[dict]:
     rows = []
     cases = [
         dict(b=2, hq=4, hk=4, lq=1000, lk=1000, d=128, causal=False),
@@ -56,11 +58,18 @@ def gpu_checks(quick: bool = False) -> list[dict]:
         dict(b=1, hq=4, hk=4, lq=300, lk=300, d=40, causal=False),
         dict(b=1, hq=2, hk=2, lq=256, lk=256, d=256, causal=False),
         dict(b=2, hq=4, hk=2, lq=1000, lk=1000, d=128, causal=True, layout="blhd"),
+        # 24 key chunks: the default statistics read 8 of them (stride 3), V factors per 128 keys, a ragged end
+        dict(b=1, hq=4, hk=2, lq=700, lk=3001, d=128, causal=False),
+        dict(b=1, hq=4, hk=4, lq=3001, lk=3001, d=64, causal=True),
     ]
-    configs = ["sage2", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token", "sage2_pv16"]
-    if quick:  # fewer compilations: the default, SA2++ (BN64, FP16 accumulator), the per-token scale path, FP16 PV
-        cases = [cases[i] for i in (0, 1, 2, 3, 6, 7)]
-        configs = ["sage2", "sage2pp", "sage_per_token", "sage2_pv16"]
+    configs = ["sage2", "sage2_v_global", "sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token",
+               "sage2_pv16"]
+    if quick:  # fewer compilations: the default, the v5 V scale, SA2++ (BN64, FP16 accumulator), per-token, FP16 PV
+        cases = [cases[i] for i in (0, 1, 2, 3, 6, 7, 8, 9)]
+        configs = ["sage2", "sage2_v_global", "sage2pp", "sage_per_token", "sage2_pv16"]
+    if mini:   # a few seconds: the default and the v5 V scale on a sampled ragged shape and a causal one
+        cases = [cases[8], cases[1]]
+        configs = ["sage2", "sage2_v_global"]
     for case in cases:
         layout = case.get("layout", "bhld")
         q, k, v = _inputs(case["b"], case["hq"], case["hk"], case["lq"], case["lk"], case["d"], layout=layout)
@@ -100,6 +109,7 @@ def accuracy_table(long_len: int) -> list[dict]:
     }
     variants = {
         "sage2": SageConfig.from_preset("sage2"),
+        "sage2_v_global (v5 default)": SageConfig.from_preset("sage2_v_global"),
         "sage2 smooth_q": SageConfig.from_preset("sage2_smooth_q"),
         "sage2pp": SageConfig.from_preset("sage2pp"),
         "sage2_pv16": SageConfig.from_preset("sage2_pv16"),
@@ -127,13 +137,13 @@ def accuracy_table(long_len: int) -> list[dict]:
             rep = error_report(out, ref)
             row[f"{vname}: cos"] = rep["cos_sim"]
             row[f"{vname}: rel_l1"] = rep["rel_l1"]
-            if vname in ("sage2", "sage2_pv16"):
+            if vname in ("sage2", "sage2_v_global (v5 default)", "sage2_pv16"):
                 row[f"{vname}: rmse"] = rep["rmse"]
         rows.append(row)
     return rows
 
 
-def speed_rows(quick: bool) -> list[dict]:
+def speed_rows(quick: bool, rep: int = 100) -> list[dict]:
     from fewer.attention.sage.triton import attend_triton, q_in_kernel, quantize_triton
 
     shapes = []
@@ -151,7 +161,12 @@ def speed_rows(quick: bool) -> list[dict]:
     shapes.append(dict(B=1, H=12, L=32760, D=128, causal=False, name="wan2.1-1.3b"))
     cfg = SageConfig.from_preset("sage2")
     cfg16 = SageConfig.from_preset("sage2_pv16")
+    cfg5 = SageConfig.from_preset("sage2_v_global")   # the v5 default: V scale and K/V means over all tokens
     rows = []
+
+    def time_ms(fn):
+        return bench_time_ms(fn, rep=rep)
+
     for shp in shapes:
         b, h, L, d, causal = shp["B"], shp["H"], shp["L"], shp["D"], shp["causal"]
         q, k, v = _inputs(b, h, h, L, L, d, seed=2)
@@ -166,6 +181,12 @@ def speed_rows(quick: bool) -> list[dict]:
         out = torch.empty_like(q)
         timings["sage_kernel_only"] = time_ms(lambda: attend_triton(buffers, out, L, L, is_causal=causal, config=cfg))
         timings["sage_quant_only"] = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg, quantize_q=sep))
+        # the v5 default in the same run: sage_attention, its kernel alone and its quantization alone
+        timings["sage_v5"] = time_ms(lambda: sage_attention(q, k, v, is_causal=causal, config=cfg5))
+        buffers5 = quantize_triton(q, k, v, 1 / math.sqrt(d), cfg5, quantize_q=sep)
+        timings["v5_kernel_only"] = time_ms(lambda: attend_triton(buffers5, out, L, L, is_causal=causal, config=cfg5))
+        timings["v5_quant_only"] = time_ms(lambda: quantize_triton(q, k, v, 1 / math.sqrt(d), cfg5, quantize_q=sep))
+        del buffers5
         # the two pipelines side by side (no custom-op overhead in either)
         for name, quant_q in (("pipeline_q_in_kernel", False), ("pipeline_q_separate", True)):
             timings[name] = time_ms(lambda quant_q=quant_q: attend_triton(
@@ -183,11 +204,12 @@ def speed_rows(quick: bool) -> list[dict]:
                 print(f"{name} failed on {shp}: {exc}", file=sys.stderr)
         for name, t in timings.items():
             row[f"{name}_ms"] = t["median_ms"]
-            if name not in ("sage_quant_only", "pipeline_q_in_kernel", "pipeline_q_separate"):
+            if name not in ("sage_quant_only", "v5_quant_only", "pipeline_q_in_kernel", "pipeline_q_separate"):
                 row[f"{name}_tflops"] = flops / (t["median_ms"] * 1e-3) / 1e12
         if "cudnn" in timings:
             row["sage_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage"]["median_ms"]
             row["sage_pv16_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage_pv16"]["median_ms"]
+            row["sage_v5_vs_cudnn"] = timings["cudnn"]["median_ms"] / timings["sage_v5"]["median_ms"]
         if "flash" in timings:
             row["sage_vs_flash"] = timings["flash"]["median_ms"] / timings["sage"]["median_ms"]
             row["sage_pv16_vs_flash"] = timings["flash"]["median_ms"] / timings["sage_pv16"]["median_ms"]
@@ -309,6 +331,8 @@ def main() -> int:
     parser.add_argument("--small-sweep", action="store_true", help="sweep only the old and the new default")
     parser.add_argument("--skip", nargs="*", default=(), choices=("checks", "accuracy", "speed", "sweep", "quant"))
     parser.add_argument("--tag", default="", help="suffix of the CSV names (e.g. _v5_run1)")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms) of each speed timing")
+    parser.add_argument("--mini-checks", action="store_true", help="only two check shapes, two configs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_sage needs a CUDA GPU")
@@ -323,19 +347,20 @@ def main() -> int:
         qs = quant_sweep()
         print("quant sweep written to", write_csv(qs, "attention", "sage_quant" + args.tag), flush=True)
     if "speed" not in args.skip:
-        rows = speed_rows(args.quick)
+        rows = speed_rows(args.quick, args.rep)
         path = write_csv(rows, "attention", "sage" + args.tag)
         print(f"\nspeed written to {path} ({time.time() - t0:.0f}s total)")
         keep = ("shape", "B", "H", "L", "D", "causal", "sage_ms", "sage_kernel_only_ms", "sage_quant_only_ms",
-                "cudnn_ms", "flash_ms", "sage_vs_cudnn", "sage_vs_flash", "sage_pv16_ms", "sage_pv16_vs_cudnn",
-                "rel_l1_vs_fp32", "pv16_rel_l1_vs_fp32", "pipeline_q_in_kernel_ms", "pipeline_q_separate_ms")
+                "cudnn_ms", "flash_ms", "sage_vs_cudnn", "sage_vs_flash", "sage_v5_ms", "v5_kernel_only_ms",
+                "v5_quant_only_ms", "sage_v5_vs_cudnn", "sage_pv16_vs_cudnn", "rel_l1_vs_fp32",
+                "pipeline_q_in_kernel_ms", "pipeline_q_separate_ms")
         print_table([{c: r.get(c, "") for c in keep} for r in rows])
     if "accuracy" not in args.skip:
         acc = accuracy_table(8192 if args.quick else 32768)
         print_table(acc)
         print("accuracy written to", write_csv(acc, "attention", "sage_accuracy" + args.tag), flush=True)
     if "checks" not in args.skip:
-        checks = gpu_checks(args.quick)
+        checks = gpu_checks(args.quick, args.mini_checks)
         print_table(checks)
         print("checks written to", write_csv(checks, "attention", "sage_checks" + args.tag), flush=True)
     if "sweep" not in args.skip:

@@ -55,6 +55,14 @@ class SageConfig(Config):
     exp2_fp16: bool = False         # P~ = exp2(.) in FP16 pairs (ex2.approx.f16x2); measured no faster on H100
     block_m: int = 64               # query rows per program (Hopper: one warpgroup of 64 rows)
     block_n: int = 128              # keys per KV block = the span of one fresh PV accumulator
+    # V's FP8 scale: per channel times one factor per 128-key block (the block's own range), so the per-channel
+    # part can come from a sample and V is read once for its statistics' sake; False: one scale per channel
+    # over all tokens (the official kernels' choice), which needs every token's max before quantizing
+    v_block_scale: bool = True
+    # the K and V means (and V's per-channel scale) from at most this many evenly spaced 128-token chunks;
+    # 0: from all tokens (the official mean). Any centre keeps K and V smoothing exact (softmax rows shift by a
+    # constant, P's rows sum to one); the sample only decides how well the quantized values are centred.
+    stats_chunks: int = 8
     kernel: str = "auto"            # auto: Triton on CUDA, the PyTorch twin on CPU
 
     def validate(self) -> None:
@@ -65,6 +73,15 @@ class SageConfig(Config):
         check_choice(self, "block_m", (16, 32, 64, 128))
         check_choice(self, "block_n", (16, 32, 64, 128))
         check_positive_int(self, "block_m")
+        if isinstance(self.stats_chunks, bool) or not isinstance(self.stats_chunks, int) or self.stats_chunks < 0:
+            raise ConfigError(f"SageConfig.stats_chunks={self.stats_chunks!r} is not allowed: expected an int >= 0 "
+                              "(0: statistics over all tokens)")
+        if not isinstance(self.v_block_scale, bool):
+            raise ConfigError(f"SageConfig.v_block_scale={self.v_block_scale!r} is not allowed: expected a bool")
+        if not self.v_block_scale and self.stats_chunks:
+            raise ConfigError(
+                f"SageConfig.stats_chunks={self.stats_chunks} is not allowed with v_block_scale=False: a per-channel "
+                "V scale over all tokens reads every token anyway; set stats_chunks=0 (preset 'sage2_v_global')")
         if self.v_scale_max is not None:
             if isinstance(self.v_scale_max, bool) or not isinstance(self.v_scale_max, (int, float)) \
                     or not 0.0 < self.v_scale_max <= FP8_E4M3_MAX:
@@ -95,6 +112,9 @@ def _fp16_safe_v_range(block_n: int) -> float:
 
 # SageAttention2 as the official Hopper kernel runs it: per-thread INT8 QK with smoothed K, FP8 PV, two-level FP32.
 SageConfig.register_preset("sage2")
+# V scale and K/V means exactly as the official kernels: per channel over all tokens (the statistics read K and
+# V in full before quantizing them; the v5 default).
+SageConfig.register_preset("sage2_v_global", v_block_scale=False, stats_chunks=0)
 # SageAttention2 with the paper's Q smoothing on top.
 SageConfig.register_preset("sage2_smooth_q", smooth_q=True)
 # SageAttention2++: FP8 PV into an FP16 accumulator per 64-key block (V range 2.25), then FP32.

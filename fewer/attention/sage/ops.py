@@ -28,11 +28,12 @@ def _to_bhld(t: torch.Tensor, layout: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)  # building and validating a config costs more than a short kernel
 def _config_from(qk_granularity: str, smooth_k: bool, smooth_q: bool, smooth_v: bool, pv_accumulation: str,
                  pv_dtype: str, v_scale_max: float, exp2_fp16: bool, block_m: int, block_n: int,
-                 kernel: str) -> SageConfig:
+                 v_block_scale: bool, stats_chunks: int, kernel: str) -> SageConfig:
     return SageConfig(qk_granularity=qk_granularity, smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v,
                       pv_accumulation=pv_accumulation, pv_dtype=pv_dtype,
                       v_scale_max=v_scale_max if v_scale_max > 0 else None,
-                      exp2_fp16=exp2_fp16, block_m=block_m, block_n=block_n, kernel=kernel)
+                      exp2_fp16=exp2_fp16, block_m=block_m, block_n=block_n, v_block_scale=v_block_scale,
+                      stats_chunks=stats_chunks, kernel=kernel)
 
 
 def resolve_kernel(config: SageConfig, device: torch.device) -> str:
@@ -56,9 +57,10 @@ def _resolve_kernel(kernel: str, device_type: str, interpreter: bool) -> str:
 def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, sm_scale: float,
                       layout: str, return_lse: bool, qk_granularity: str, smooth_k: bool, smooth_q: bool,
                       smooth_v: bool, pv_accumulation: str, pv_dtype: str, v_scale_max: float, exp2_fp16: bool,
-                      block_m: int, block_n: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_m: int, block_n: int, v_block_scale: bool, stats_chunks: int,
+                      kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     config = _config_from(qk_granularity, smooth_k, smooth_q, smooth_v, pv_accumulation, pv_dtype, v_scale_max,
-                          exp2_fp16, block_m, block_n, kernel)
+                          exp2_fp16, block_m, block_n, v_block_scale, stats_chunks, kernel)
     qb, kb, vb = (_to_bhld(t, layout) for t in (q, k, v))
     if resolve_kernel(config, q.device) == "torch":
         out, lse = sage_attention_reference(qb, kb, vb, is_causal=is_causal, scale=sm_scale, config=config)
@@ -79,7 +81,7 @@ def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_caus
 
 @sage_attention_op.register_fake
 def _(q, k, v, is_causal, sm_scale, layout, return_lse, qk_granularity, smooth_k, smooth_q, smooth_v,
-      pv_accumulation, pv_dtype, v_scale_max, exp2_fp16, block_m, block_n, kernel):
+      pv_accumulation, pv_dtype, v_scale_max, exp2_fp16, block_m, block_n, v_block_scale, stats_chunks, kernel):
     qb = _to_bhld(q, layout)
     lse_shape = (qb.shape[0], qb.shape[1], qb.shape[2]) if return_lse else (0,)
     lse = q.new_empty(lse_shape, dtype=torch.float32)
@@ -106,4 +108,5 @@ def call_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: boo
     return sage_attention_op(q, k, v, bool(is_causal), sm_scale, layout, bool(return_lse), config.qk_granularity,
                              config.smooth_k, config.smooth_q, config.smooth_v, config.pv_accumulation,
                              config.pv_dtype, float(config.v_scale_max) if config.v_scale_max is not None else 0.0,
-                             config.exp2_fp16, config.block_m, config.block_n, config.kernel)
+                             config.exp2_fp16, config.block_m, config.block_n, config.v_block_scale,
+                             config.stats_chunks, config.kernel)

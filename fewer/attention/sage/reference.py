@@ -11,7 +11,10 @@ Every step mirrors ``triton.py`` in the same order, so the two differ only by fl
      constant), then INT8 per group; never in place on the caller's tensor;
    - V optionally minus its per-channel mean (added back to the output; exact because each row of
      the softmax sums to one), then FP8 E4M3 (or FP16 with ``pv_dtype='fp16'``) with one scale per channel,
-   ``max_tokens |V[:, c]| / v_scale_max``; every quantizer multiplies by the reciprocal of its scale;
+   ``max_tokens |V[:, c]| / v_scale_max``, times (``v_block_scale``, default) one factor per 128-key block,
+   that block's own range; every quantizer multiplies by the reciprocal of its scale;
+   - the K and V means and V's channel scale come from all tokens, or (``stats_chunks``, default 8) from at
+     most that many evenly spaced 128-token chunks: any centre keeps the smoothing exact;
    INT8 rounding is half away from zero, as in the official code.
 2. attend (``attend_quantized``): FlashAttention-style loop over KV blocks of ``block_n`` keys, online
    softmax in base 2, ``P~ = exp2(s - m) * 448`` cast to FP8 E4M3 or FP16 (static scale: P~ <= 1 needs no max),
@@ -35,6 +38,8 @@ LOG2_P_SCALE = math.log2(P_SCALE)
 INT8_MAX = 127.0
 SCALE_FLOOR = 1e-12          # an all-zero group gets a tiny scale instead of 0/0
 Q_SMOOTH_BLOCK = 128         # tokens per Q mean (SageAttention3's group size; a multiple of block_m)
+STATS_CHUNK = 128            # tokens per statistics chunk (the K/V means may come from a sample of chunks)
+V_BLOCK = 128                # keys per V scale factor (v_block_scale); a multiple of every block_n
 SINGLE_LEVEL_MANTISSA_BITS = 13  # emulated precision of Hopper's running FP8-MMA accumulator (see attend_quantized)
 MMA_K = 32                   # keys per FP8 MMA instruction step (m64nNk32 on sm90)
 
@@ -115,9 +120,30 @@ def quantize_q(q: torch.Tensor, sm_scale: float, granularity: str, smooth: bool
     return q8, scale, mean
 
 
-def key_mean(k: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean of K over its tokens, float32 [B, Hk, 1, D]."""
-    return k.float().mean(dim=-2, keepdim=True)
+def stats_chunks(n_tokens: int, max_chunks: int) -> tuple[int, int]:
+    """(chunks sampled, stride): at most ``max_chunks`` (0: all) evenly spaced chunks of STATS_CHUNK tokens,
+    chunk i * stride for i < count. When not all chunks are taken, the last (maybe ragged) one never is."""
+    n_chunks = -(-n_tokens // STATS_CHUNK)
+    count = n_chunks if max_chunks == 0 else min(max_chunks, n_chunks)
+    return count, n_chunks // count
+
+
+def stats_tokens(n_tokens: int, max_chunks: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Indices of the tokens the K/V statistics read (None: all of them), see ``stats_chunks``."""
+    count, stride = stats_chunks(n_tokens, max_chunks)
+    if stride == 1 and count * STATS_CHUNK >= n_tokens:
+        return None
+    starts = torch.arange(count, device=device) * (stride * STATS_CHUNK)
+    return (starts[:, None] + torch.arange(STATS_CHUNK, device=device)).reshape(-1)
+
+
+def _sampled(x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    return x if tokens is None else x.index_select(-2, tokens)
+
+
+def key_mean(k: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel mean of K over its tokens (or over ``tokens`` only), float32 [B, Hk, 1, D]."""
+    return _sampled(k.float(), tokens).mean(dim=-2, keepdim=True)
 
 
 def quantize_k(k: torch.Tensor, granularity: str, mean: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,23 +160,37 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float8_e4m3fn)
 
 
-def value_mean(v: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean of V over its tokens, float32 [B, Hk, 1, D]."""
-    return v.float().mean(dim=-2, keepdim=True)
+def value_mean(v: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel mean of V over its tokens (or over ``tokens`` only), float32 [B, Hk, 1, D]."""
+    return _sampled(v.float(), tokens).mean(dim=-2, keepdim=True)
 
 
-def quantize_v(v: torch.Tensor, v_scale_max: float, mean: torch.Tensor | None = None, pv_dtype: str = "fp8"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """V [B, Hk, Lk, D] (minus ``mean`` if given) -> (FP8 E4M3 or FP16 values, float32 scale per channel [B, Hk, D]).
+def quantize_v(v: torch.Tensor, v_scale_max: float, mean: torch.Tensor | None = None, pv_dtype: str = "fp8", *,
+               tokens: torch.Tensor | None = None, block_scale: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """V [B, Hk, Lk, D] (minus ``mean`` if given) -> (FP8 E4M3 or FP16 values, float32 scale per channel [B, Hk, D],
+    float32 factor per V_BLOCK keys [B, Hk, ceil(Lk / V_BLOCK)] or None).
 
-    Each channel is scaled so its largest magnitude maps to ``v_scale_max``; values are multiplied by the
-    correctly rounded reciprocal of the scale (as the kernel does)."""
+    The channel scale maps the largest magnitude over ``tokens`` (all if None) to ``v_scale_max``. With
+    ``block_scale`` each block of V_BLOCK keys is then divided by its own factor, its largest scaled magnitude
+    over ``v_scale_max`` (so no value exceeds the range whatever the sample missed); the block's scale of channel
+    c is scale[c] * factor[block]. Values are multiplied by correctly rounded reciprocals (as the kernel does)."""
     vf = v.float()
     if mean is not None:
         vf = vf - mean
-    scale = vf.abs().amax(dim=-2).clamp_min(SCALE_FLOOR) / fp32_scalar(v_scale_max, v.device)
+    v_max = fp32_scalar(v_scale_max, v.device)
+    scale = _sampled(vf, tokens).abs().amax(dim=-2).clamp_min(SCALE_FLOOR) / v_max
     scaled = vf * torch.reciprocal(scale).unsqueeze(-2)
-    return (to_e4m3(scaled) if pv_dtype == "fp8" else scaled.to(torch.float16)), scale
+    factor = None
+    if block_scale:
+        lk = v.shape[-2]
+        n_blocks = -(-lk // V_BLOCK)
+        padded = torch.nn.functional.pad(scaled, (0, 0, 0, n_blocks * V_BLOCK - lk))
+        blocks = padded.reshape(*scaled.shape[:-2], n_blocks, V_BLOCK, scaled.shape[-1])
+        factor = blocks.abs().amax(dim=(-1, -2)).clamp_min(SCALE_FLOOR) / v_max
+        per_key = torch.reciprocal(factor).repeat_interleave(V_BLOCK, dim=-1)[..., :lk]
+        scaled = scaled * per_key.unsqueeze(-1)
+    return (to_e4m3(scaled) if pv_dtype == "fp8" else scaled.to(torch.float16)), scale, factor
 
 
 def round_p(p: torch.Tensor, pv_dtype: str) -> torch.Tensor:
@@ -173,13 +213,16 @@ def mma_step_truncated(acc: torch.Tensor, p8: torch.Tensor, v8: torch.Tensor, bi
 
 def attend_quantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
                      v8: torch.Tensor, v_scale: torch.Tensor, delta_s: torch.Tensor | None,
-                     v_mean: torch.Tensor | None = None, *, is_causal: bool, config: SageConfig
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     v_mean: torch.Tensor | None = None, v_factor: torch.Tensor | None = None, *,
+                     is_causal: bool, config: SageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention loop on quantized inputs (all with H query heads, [B, H, L, D]).
 
     Returns (output float32 [B, H, Lq, D], base-2 log-sum-exp of the smoothed base-2 scores [B, H, Lq]).
     ``delta_s`` [B, H, ceil(Lq/128), Lk] is the Q-smoothing correction, added to the scores; ``v_mean``
-    [B, H, 1, D] the V-smoothing mean, added to the output.
+    [B, H, 1, D] the V-smoothing mean, added to the output. ``v_factor`` [B, H, ceil(Lk/V_BLOCK)] is V's
+    per-block scale factor: the accumulator is kept in units of the current block's factor (the previous
+    block's factor times this one's reciprocal multiplies alpha, a per-row number), and the last factor multiplies 1/l,
+    so no per-element work is added.
 
     ``pv_accumulation='fp32'`` emulates Hopper's running FP8-MMA accumulator (``mma_step_truncated``:
     products aligned to the accumulator and cut to about 13 bits, so small products vanish once the
@@ -197,6 +240,7 @@ def attend_quantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     if delta_s is not None:
         delta_rows = delta_s.index_select(-2, rows // Q_SMOOTH_BLOCK)   # [B, H, Lq, Lk]
     n_end = min(lk, lq) if is_causal else lk                     # top-left causal: row i sees keys <= i
+    r_prev = v_factor[..., 0] if v_factor is not None else None   # the accumulator's unit (first block's factor)
     for start in range(0, n_end, block_n):
         stop = min(start + block_n, lk)
         cols = torch.arange(start, stop, device=q8.device)
@@ -220,20 +264,27 @@ def attend_quantized(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
             p = torch.exp2(arg)
         alpha = torch.exp2(m - m_safe)
         l = l * alpha + p.sum(dim=-1)
+        alpha_acc = alpha
+        if v_factor is not None:
+            r = v_factor[..., start // V_BLOCK]
+            alpha_acc = alpha * (r_prev * torch.reciprocal(r)).unsqueeze(-1)   # the kernel loads 1/r
+            r_prev = r
         p8 = round_p(p, config.pv_dtype)
         vb = v8[..., start:stop, :].float()
         if config.pv_accumulation == "fp32+fp32" or (config.pv_accumulation == "fp32" and config.pv_dtype == "fp16"):
             # (FP16 MMAs accumulate in full FP32, so a running accumulator loses nothing there)
-            acc = acc * alpha.unsqueeze(-1) + p8 @ vb
+            acc = acc * alpha_acc.unsqueeze(-1) + p8 @ vb
         elif config.pv_accumulation == "fp32+fp16":
-            acc = acc * alpha.unsqueeze(-1) + (p8 @ vb).to(torch.float16).float()
+            acc = acc * alpha_acc.unsqueeze(-1) + (p8 @ vb).to(torch.float16).float()
         else:  # FP8, single running accumulator, emulating the tensor core's reduced precision
-            acc = acc * alpha.unsqueeze(-1)
+            acc = acc * alpha_acc.unsqueeze(-1)
             for k0 in range(0, stop - start, MMA_K):
                 acc = mma_step_truncated(acc, p8[..., k0:k0 + MMA_K], vb[..., k0:k0 + MMA_K, :],
                                          SINGLE_LEVEL_MANTISSA_BITS)
         m = m_safe
     inv_l = 1.0 / l
+    if v_factor is not None:
+        inv_l = inv_l * r_prev.unsqueeze(-1)
     out = acc * inv_l.unsqueeze(-1) * v_scale.unsqueeze(-2)
     if v_mean is not None:
         out = out + v_mean
@@ -259,16 +310,19 @@ def sage_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     hq = q.shape[1]
     q8, qs, q_mean = quantize_q(q, sm_scale, config.qk_granularity, config.smooth_q)
-    k_mean = key_mean(k) if config.smooth_k else None
+    tokens = stats_tokens(k.shape[-2], config.stats_chunks, k.device)
+    k_mean = key_mean(k, tokens) if config.smooth_k else None
     k8, ks = quantize_k(k, config.qk_granularity, k_mean)
-    v_mean = value_mean(v) if config.smooth_v else None
-    v8, vs = quantize_v(v, config.resolved_v_scale_max, v_mean, config.pv_dtype)
+    v_mean = value_mean(v, tokens) if config.smooth_v else None
+    v8, vs, vf = quantize_v(v, config.resolved_v_scale_max, v_mean, config.pv_dtype, tokens=tokens,
+                            block_scale=config.v_block_scale)
     delta_s = None
     if q_mean is not None:
         delta_s = q_mean @ expand_kv_heads(smoothed_keys(k, k_mean), hq).transpose(-1, -2)
     out, lse2 = attend_quantized(q8, qs, expand_kv_heads(k8, hq), expand_kv_heads(ks, hq),
                                  expand_kv_heads(v8, hq), expand_kv_heads(vs, hq), delta_s,
                                  expand_kv_heads(v_mean, hq) if v_mean is not None else None,
+                                 expand_kv_heads(vf, hq) if vf is not None else None,
                                  is_causal=is_causal, config=config)
     return out.to(q.dtype), natural_lse(lse2, q, k_mean, sm_scale)
 
@@ -293,4 +347,4 @@ def natural_lse(lse2: torch.Tensor, q: torch.Tensor, k_mean: torch.Tensor | None
 
 __all__ = ["FP8_E4M3_MAX", "LOG2E", "attend_quantized", "group_index", "int8_by_groups", "key_mean",
            "natural_lse", "quantize_k", "quantize_q", "quantize_v", "round_half_away", "round_p", "sage_attention_reference",
-           "value_mean"]
+           "stats_chunks", "stats_tokens", "value_mean"]

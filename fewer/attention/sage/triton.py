@@ -29,12 +29,13 @@ import triton.language as tl
 
 from ...core.capability import triton_interpreter_on
 from .config import SageConfig
-from .reference import INT8_MAX, LOG2E, LOG2_P_SCALE, Q_SMOOTH_BLOCK, SCALE_FLOOR, fp32_scalar
+from .reference import INT8_MAX, LOG2E, LOG2_P_SCALE, Q_SMOOTH_BLOCK, SCALE_FLOOR, STATS_CHUNK, V_BLOCK, fp32_scalar, stats_chunks
 
 # The kernels spell these constants as literals (Triton globals must be constexpr); keep them in step.
 assert (INT8_MAX, SCALE_FLOOR) == (127.0, 1e-12) and abs(LOG2_P_SCALE - 8.807354922057604) < 1e-12
 
 TOKEN_TILE = 128  # tokens per quantization program; every scale group and the Q-smoothing block fit in it
+assert STATS_CHUNK == V_BLOCK == TOKEN_TILE == 128   # one statistics chunk / V factor block per program
 
 # group rule codes shared by the quantizers (see reference.group_index)
 _CONTIGUOUS, _THREAD_Q, _THREAD_K = 0, 1, 2
@@ -164,9 +165,9 @@ def _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, bh, L, D, H, L_PAD, N_
 
 
 @triton.jit
-def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, chunk, bh, L, D, HK, N_CHUNKS,
+def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, slot, chunk, bh, L, D, HK, N_SLOTS,
                    s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
-    """One 128-token chunk: column sums of K and V, column max and min of V."""
+    """One 128-token chunk (the ``slot``-th sampled one): column sums of K and V, column max and min of V."""
     b = bh // HK
     h = bh % HK
     rows = chunk * TILE + tl.arange(0, TILE)
@@ -174,7 +175,7 @@ def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, chunk, 
     mask = (rows[:, None] < L) & (cols[None, :] < D)
     k_src = k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :]
     v_src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :]
-    out = (bh * N_CHUNKS + chunk) * D_P + cols
+    out = (bh * N_SLOTS + slot) * D_P + cols
     if EVEN:
         k = tl.load(k_src)
         v = tl.load(v_src).to(tl.float32)
@@ -193,12 +194,13 @@ def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, chunk, 
 
 @triton.jit
 def _quant_q_and_kv_stats_kernel(q_ptr, q8_ptr, qs_ptr, qmean_ptr, k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr,
-                                 vmin_ptr, LQ, LK, D, H, HK, LQ_PAD, N_SMOOTH, N_Q_TILES, N_CHUNKS, N_QHEADS, c,
+                                 vmin_ptr, LQ, LK, D, H, HK, LQ_PAD, N_SMOOTH, N_Q_TILES, N_STATS, STRIDE, N_QHEADS, c,
                                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                                  RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr,
                                  EVEN_Q: tl.constexpr, EVEN_K: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
-    """The first pass, one launch: programs (tile, head < B*H) quantize Q; programs (chunk, B*H + head) gather
-    the K/V statistics. Q needs no global statistic, so it is done while K and V are read for their means."""
+    """The first pass, one launch: programs (tile, head < B*H) quantize Q; programs (i, B*H + head) gather
+    the K/V statistics of chunk i * STRIDE (N_STATS chunks per head: all, or an evenly spaced sample).
+    Q needs no global statistic, so it is done while K and V are read for their means."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     if head < N_QHEADS:
@@ -206,17 +208,18 @@ def _quant_q_and_kv_stats_kernel(q_ptr, q8_ptr, qs_ptr, qmean_ptr, k_ptr, v_ptr,
             _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, head, LQ, D, H, LQ_PAD, N_SMOOTH, c,
                           s_qb, s_qh, s_ql, RULE, GROUP, SMOOTH, EVEN_Q, TILE, D_P)
     else:
-        if tile < N_CHUNKS:
-            _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, tile, head - N_QHEADS, LK, D, HK,
-                           N_CHUNKS, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN_K, TILE, D_P)
+        if tile < N_STATS:
+            _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, tile, tile * STRIDE, head - N_QHEADS,
+                           LK, D, HK, N_STATS, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN_K, TILE, D_P)
 
 
 @triton.jit
 def _kv_finalize_kernel(ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, kmean_ptr, vmean_ptr, vscale_ptr, vinv_ptr,
-                        LK, N_CHUNKS, v_range,
+                        N_TOKENS, N_CHUNKS, v_range,
                         SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, K_GIVEN: tl.constexpr,
                         V_GIVEN: tl.constexpr, CH: tl.constexpr, DC: tl.constexpr, D_P: tl.constexpr):
-    """Per head and DC channels: reduce the chunk statistics -> K mean, V mean, V scale and its reciprocal.
+    """Per head and DC channels: reduce the chunk statistics (N_CHUNKS rows, N_TOKENS tokens) -> K mean, V mean,
+    V scale and its reciprocal.
 
     max |V - mean| per channel comes from the column max and min (float rounding is monotonic, so it equals
     the twin's max over tokens bit for bit). ``*_GIVEN``: the caller wrote that mean (tests)."""
@@ -237,13 +240,13 @@ def _kv_finalize_kernel(ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, kmean_ptr, vmean
         vhi = tl.maximum(vhi, tl.max(tl.load(vmax_ptr + off, mask=keep, other=float("-inf")), axis=0))
         vlo = tl.minimum(vlo, tl.min(tl.load(vmin_ptr + off, mask=keep, other=float("inf")), axis=0))
     if SMOOTH_K and not K_GIVEN:
-        tl.store(kmean_ptr + bh * D_P + cols, ksum / LK)
+        tl.store(kmean_ptr + bh * D_P + cols, ksum / N_TOKENS)
     centre = tl.zeros([DC], tl.float32)
     if SMOOTH_V:
         if V_GIVEN:
             centre = tl.load(vmean_ptr + bh * D_P + cols)
         else:
-            centre = vsum / LK
+            centre = vsum / N_TOKENS
             tl.store(vmean_ptr + bh * D_P + cols, centre)
     absmax = tl.maximum(vhi - centre, centre - vlo)
     scale = tl.math.div_rn(tl.maximum(absmax, 1e-12), v_range)
@@ -252,11 +255,11 @@ def _kv_finalize_kernel(ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, kmean_ptr, vmean
 
 
 @triton.jit
-def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_ptr, vq_ptr, L, D, HK, L_PAD,
-                     s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_ptr, vq_ptr, vr_ptr, v_range,
+                     L, D, HK, L_PAD, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                      RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr, SMOOTH_V: tl.constexpr,
-                     V_FP16: tl.constexpr, EMULATE_FP8: tl.constexpr, EVEN: tl.constexpr, TILE: tl.constexpr,
-                     D_P: tl.constexpr):
+                     V_BLOCK: tl.constexpr, V_FP16: tl.constexpr, EMULATE_FP8: tl.constexpr, EVEN: tl.constexpr,
+                     TILE: tl.constexpr, D_P: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
@@ -289,6 +292,12 @@ def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_pt
         if not EVEN:
             v = tl.where(mask, v, 0.0)
     v = v * tl.load(vinv_ptr + bh * D_P + cols)[None, :]
+    if V_BLOCK:   # this tile's own factor: its largest scaled magnitude over the range (TILE == V_BLOCK keys)
+        r = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1e-12), v_range)
+        r_inv = tl.math.div_rn(1.0, r)
+        v = v * r_inv
+        tl.store(vr_ptr + (bh * (L_PAD // TILE) + tile) * 2, r)          # (factor, its reciprocal) pairs
+        tl.store(vr_ptr + (bh * (L_PAD // TILE) + tile) * 2 + 1, r_inv)
     if V_FP16:  # FP16 PV: V in its natural [L, D] layout (16-bit wgmma operands need no reordering)
         tl.store(vq_ptr + (bh * L_PAD + rows[:, None]) * D_P + cols[None, :], v.to(tl.float16))
     else:
@@ -300,13 +309,16 @@ def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_pt
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows, L_K, L_PAD, k_row, vt_row,
-                USE_TMA: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, ACCUM: tl.constexpr,
+def _attn_block(acc, l_i, m_i, r_prev, q, qs, k_base, ks_base, vt_base, vr_base, ds_base, start_n, rows, L_K, L_PAD,
+                k_row, vt_row, USE_TMA: tl.constexpr, V_BLOCK: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, ACCUM: tl.constexpr,
                 EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
                 I2F: tl.constexpr, V_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D_P: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_P)
+    if V_BLOCK:   # V's (factor, 1/factor) of this block, loaded first so the loads land during QK^T and the softmax
+        r = tl.load(vr_base + (start_n // 128) * 2)        # (no division in the kernel: its slow path spills)
+        r_inv = tl.load(vr_base + (start_n // 128) * 2 + 1)
     if USE_TMA:   # k_base, vt_base: tensor descriptors of K [B*Hk*LK_PAD, D_P] and V^T [B*Hk*D_P, LK_PAD]
         k = k_base.load([k_row + start_n, 0])
     else:         # k_base, vt_base: pointers to this head's K and V^T
@@ -364,6 +376,11 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n
         p = _exp2(arg, EXP2_FTZ)
     alpha = _exp2(m_i - m_safe, EXP2_FTZ)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+    if V_BLOCK:   # the accumulator is kept in units of this block's V factor: the change rides on alpha (per row)
+        alpha_acc = alpha * (r_prev * r_inv)
+    else:
+        r = r_prev
+        alpha_acc = alpha
     if V_FP16:   # 16-bit PV: P~ in FP16 keeps the accumulator layout; V [L, D] in natural key order
         pa = p.to(tl.float16)
         if USE_TMA:
@@ -382,21 +399,21 @@ def _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n
             vt = tl.load(vt_base + dims[:, None] * L_PAD + cols[None, :])
         vb = tl.trans(vt)
     if ACCUM == 0 and not V_FP16:   # two-level: fresh FP32 accumulator per KV block
-        acc = acc * alpha[:, None] + tl.dot(pa, vb)
+        acc = acc * alpha_acc[:, None] + tl.dot(pa, vb)
     elif ACCUM == 2:  # SageAttention2++: FP16 accumulator per KV block
-        acc = acc * alpha[:, None] + tl.dot(pa, vb, out_dtype=tl.float16).to(tl.float32)
+        acc = acc * alpha_acc[:, None] + tl.dot(pa, vb, out_dtype=tl.float16).to(tl.float32)
     else:             # one running accumulator: the FP8 ablation; for FP16 operands the MMA accumulates in
-        acc = tl.dot(pa, vb, acc * alpha[:, None])     # full FP32, so this is the two-level arithmetic
-    return acc, l_i, m_safe
+        acc = tl.dot(pa, vb, acc * alpha_acc[:, None])     # full FP32, so this is the two-level arithmetic
+    return acc, l_i, m_safe, r
 
 
 @triton.jit
-def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_ptr, o_ptr, lse_ptr,
+def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vr_ptr, vm_ptr, ds_ptr, o_ptr, lse_ptr,
                      L_Q, L_K, LQ_PAD, LK_PAD, H, HK, D, N_SMOOTH,
                      s_ob, s_oh, s_ol, s_qb, s_qh, s_ql, c,
                      FUSE_Q: tl.constexpr, Q_RULE: tl.constexpr, Q_GROUP: tl.constexpr, Q_FULL_D: tl.constexpr,
-                     USE_TMA: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr, SMOOTH_V: tl.constexpr, ACCUM: tl.constexpr,
-                     EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
+                     USE_TMA: tl.constexpr, V_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, SMOOTH_Q: tl.constexpr,
+                     SMOOTH_V: tl.constexpr, ACCUM: tl.constexpr, EXP2_FP16: tl.constexpr, EXP2_FTZ: tl.constexpr, EMULATE_FP8: tl.constexpr, GROUP4: tl.constexpr,
                      I2F: tl.constexpr, V_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      D_P: tl.constexpr, Q_SMOOTH: tl.constexpr):
     if IS_CAUSAL:   # the longest rows (the last query blocks) first, so the final wave is made of short ones
@@ -432,6 +449,11 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
         k_base = k8_ptr + bhk * LK_PAD * D_P
         vt_base = vt_ptr + bhk * D_P * LK_PAD
     ks_base = ks_ptr + bhk * LK_PAD
+    vr_base = vr_ptr + bhk * (LK_PAD // 128) * 2    # V's (factor, 1/factor) per 128 keys (V_BLOCK; else a placeholder)
+    if V_BLOCK:
+        r_i = tl.load(vr_base)                  # the accumulator's unit (the first block's factor)
+    else:
+        r_i = tl.load(vr_ptr)                   # unused (a float from the placeholder, for the loop's types)
     ds_base = ds_ptr + (bh * N_SMOOTH + start_m // Q_SMOOTH) * LK_PAD
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -443,14 +465,16 @@ def _attn_fwd_kernel(q8_ptr, qs_ptr, k8_ptr, ks_ptr, vt_ptr, vs_ptr, vm_ptr, ds_
         full_end = tl.minimum(full_end, (start_m // BLOCK_N) * BLOCK_N)
         end = tl.minimum(L_K, start_m + BLOCK_M)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
-                                    L_K, LK_PAD, k_row, vt_row, USE_TMA, False, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
+        acc, l_i, m_i, r_i = _attn_block(acc, l_i, m_i, r_i, q, qs, k_base, ks_base, vt_base, vr_base, ds_base,
+                                         start_n, rows, L_K, LK_PAD, k_row, vt_row, USE_TMA, V_BLOCK, False, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
                                     EMULATE_FP8, GROUP4, I2F, V_FP16, BLOCK_M, BLOCK_N, D_P)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_base, ks_base, vt_base, ds_base, start_n, rows,
-                                    L_K, LK_PAD, k_row, vt_row, USE_TMA, True, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
+        acc, l_i, m_i, r_i = _attn_block(acc, l_i, m_i, r_i, q, qs, k_base, ks_base, vt_base, vr_base, ds_base,
+                                         start_n, rows, L_K, LK_PAD, k_row, vt_row, USE_TMA, V_BLOCK, True, IS_CAUSAL, SMOOTH_Q, ACCUM, EXP2_FP16, EXP2_FTZ,
                                     EMULATE_FP8, GROUP4, I2F, V_FP16, BLOCK_M, BLOCK_N, D_P)
     inv_l = 1.0 / l_i
+    if V_BLOCK:
+        inv_l = inv_l * r_i
     v_scale = tl.load(vs_ptr + bhk * D_P + dims)
     out = acc * inv_l[:, None] * v_scale[None, :]
     if SMOOTH_V:
@@ -511,9 +535,12 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
                     warps: dict[str, int] | None = None, quantize_q: bool = True) -> dict[str, torch.Tensor | None]:
     """Quantize [B, H, L, D] views in three launches. Returns padded buffers (see module doc).
 
-    1. one kernel quantizes Q and gathers per-chunk K/V statistics (sums, V max/min);
+    1. one kernel quantizes Q and gathers per-chunk K/V statistics (sums, V max/min) over all chunks or, with
+       ``config.v_block_scale``, over at most ``config.stats_chunks`` evenly spaced ones (``reference.stats_chunks``);
     2. a small kernel reduces them to the K mean, V mean, V scale and its reciprocal;
-    3. one kernel quantizes K and V (V^T in FP8 with the key order of ``key_slots``, or V in FP16).
+    3. one kernel quantizes K and V (V^T in FP8 with the key order of ``key_slots``, or V in FP16), with
+       ``v_block_scale`` dividing each 128-key block of V by its own factor (``v_factor``, [B*Hk, LK_PAD/128, 2]:
+       the factor and its reciprocal).
     ``k_mean``/``v_mean`` ([B, Hk, 1, D]) override the computed means (tests use them to compare with the
     twin bit for bit; the kernels sum in another order than torch.mean). ``warps`` overrides QUANT_WARPS.
     ``quantize_q=False`` leaves Q to the attention kernel (``q8`` None; ``q_src`` and ``q_c`` instead).
@@ -528,9 +555,11 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     emulate = triton_interpreter_on()
     (q_rule, q_group), (k_rule, k_group) = _RULES[config.qk_granularity]
     n_chunks, n_q_tiles = lk_pad // TOKEN_TILE, lq_pad // TOKEN_TILE
+    n_stats, stride = stats_chunks(lk, config.stats_chunks)
+    n_tokens = lk if n_stats == n_chunks else n_stats * STATS_CHUNK
     n_smooth = lq_pad // Q_SMOOTH_BLOCK
     f32 = dict(device=dev, dtype=torch.float32)
-    ksum = torch.empty(bsz * hk, n_chunks, d_p, **f32)
+    ksum = torch.empty(bsz * hk, n_stats, d_p, **f32)
     vsum, vmax, vmin = torch.empty_like(ksum), torch.empty_like(ksum), torch.empty_like(ksum)
     if quantize_q:
         q8 = torch.empty(bsz * hq, lq_pad, d_p, device=dev, dtype=torch.int8)
@@ -543,9 +572,9 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     q_heads = bsz * hq if quantize_q else 0
     q_mean = torch.empty(bsz * hq, n_smooth, d_p, **f32) if config.smooth_q else None
     # no FMA contraction in the quantizers: x * inv + 0.5 must round twice, as in the twin
-    _quant_q_and_kv_stats_kernel[(max(n_q_tiles if quantize_q else 0, n_chunks), q_heads + bsz * hk)](
+    _quant_q_and_kv_stats_kernel[(max(n_q_tiles if quantize_q else 0, n_stats), q_heads + bsz * hk)](
         q, q8, q_scale, q_mean if q_mean is not None else q_scale, k, v, ksum, vsum, vmax, vmin,
-        lq, lk, d, hq, hk, lq_pad, n_smooth, n_q_tiles, n_chunks, q_heads, sm_scale * LOG2E,
+        lq, lk, d, hq, hk, lq_pad, n_smooth, n_q_tiles, n_stats, stride, q_heads, sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         RULE=q_rule, GROUP=q_group, SMOOTH=config.smooth_q, EVEN_Q=lq % TOKEN_TILE == 0 and d == d_p,
@@ -560,7 +589,7 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
         vmean_buf.zero_()[:, :d] = v_mean.reshape(bsz * hk, d).float()
     v_scale, v_inv = torch.empty(bsz * hk, d_p, **f32), torch.empty(bsz * hk, d_p, **f32)
     _kv_finalize_kernel[(bsz * hk, d_p // 32)](
-        ksum, vsum, vmax, vmin, kmean_buf, vmean_buf, v_scale, v_inv, lk, n_chunks,
+        ksum, vsum, vmax, vmin, kmean_buf, vmean_buf, v_scale, v_inv, float(n_tokens), n_stats,
         float(config.resolved_v_scale_max),
         SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, K_GIVEN=k_given, V_GIVEN=v_given, CH=64, DC=32,
         D_P=d_p, num_warps=nw["finalize"])
@@ -571,16 +600,19 @@ def quantize_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
         v_q = torch.empty(bsz * hk, lk_pad, d_p, device=dev, dtype=torch.float16)
     else:
         v_q = torch.empty(bsz * hk, d_p, lk_pad, device=dev, dtype=torch.float8_e4m3fn)
+    v_factor = torch.empty(bsz * hk, n_chunks, 2, **f32) if config.v_block_scale else None
     _quant_kv_kernel[(n_chunks, bsz * hk)](
-        k, v, kmean_buf, vmean_buf, v_inv, k8, k_scale, v_q, lk, d, hk, lk_pad,
+        k, v, kmean_buf, vmean_buf, v_inv, k8, k_scale, v_q, v_factor if v_factor is not None else v_inv,
+        float(config.resolved_v_scale_max), lk, d, hk, lk_pad,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        RULE=k_rule, GROUP=k_group, SMOOTH=config.smooth_k, SMOOTH_V=config.smooth_v, V_FP16=fp16_v,
+        RULE=k_rule, GROUP=k_group, SMOOTH=config.smooth_k, SMOOTH_V=config.smooth_v,
+        V_BLOCK=config.v_block_scale, V_FP16=fp16_v,
         EMULATE_FP8=emulate, EVEN=lk % TOKEN_TILE == 0 and d == d_p, TILE=TOKEN_TILE, D_P=d_p,
         num_warps=nw["kv"], enable_fp_fusion=False)
     if not quantize_q:
         q8 = q_scale = None
     return dict(q8=q8, q_scale=q_scale, q_mean=q_mean, q_src=q, q_c=sm_scale * LOG2E, k8=k8, k_scale=k_scale,
-                v_t=None if fp16_v else v_q, v16=v_q if fp16_v else None, v_scale=v_scale,
+                v_t=None if fp16_v else v_q, v16=v_q if fp16_v else None, v_scale=v_scale, v_factor=v_factor,
                 k_mean=kmean_buf if config.smooth_k else None, v_mean=vmean_buf if config.smooth_v else None)
 
 
@@ -664,12 +696,13 @@ def attend_triton(buffers: dict[str, torch.Tensor | None], out: torch.Tensor, lq
     (q_rule, q_group), _ = _RULES[config.qk_granularity]
     _attn_fwd_kernel[grid](
         *q_args, k_arg, buffers["k_scale"], v_arg, buffers["v_scale"],
+        buffers["v_factor"] if buffers["v_factor"] is not None else buffers["v_scale"],
         buffers["v_mean"] if buffers["v_mean"] is not None else buffers["v_scale"],
         delta_s if delta_s is not None else buffers["k_scale"], out, lse2,
         lq, lk, lq_pad, lk_pad, hq, hk, d, lq_pad // Q_SMOOTH_BLOCK,
         out.stride(0), out.stride(1), out.stride(2), *q_strides,
         FUSE_Q=fuse_q, Q_RULE=q_rule, Q_GROUP=q_group, Q_FULL_D=d == d_p,
-        USE_TMA=use_tma, IS_CAUSAL=is_causal, SMOOTH_Q=config.smooth_q, SMOOTH_V=config.smooth_v, ACCUM=accum,
+        USE_TMA=use_tma, V_BLOCK=buffers["v_factor"] is not None, IS_CAUSAL=is_causal, SMOOTH_Q=config.smooth_q, SMOOTH_V=config.smooth_v, ACCUM=accum,
         EXP2_FP16=config.exp2_fp16, EXP2_FTZ=exp2_ftz and not triton_interpreter_on(), EMULATE_FP8=triton_interpreter_on(), GROUP4=group4, I2F=i2f, V_FP16=fp16_v,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, D_P=d_p, Q_SMOOTH=Q_SMOOTH_BLOCK, num_warps=num_warps,
         num_stages=num_stages, **extra)

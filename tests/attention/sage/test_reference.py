@@ -7,7 +7,7 @@ from fewer.attention import reference_attention, sdpa
 from fewer.attention.sage import SageConfig, sage_attention
 from fewer.attention.sage.config import ConfigError
 from fewer.attention.sage.reference import (group_index, int8_by_groups, key_mean, quantize_k, quantize_q,
-                                            quantize_v, round_half_away)
+                                            quantize_v, round_half_away, stats_chunks, stats_tokens, value_mean)
 from fewer.core import BackendUnavailable, cos_sim, rel_l1
 
 from .conftest import make_qkv
@@ -76,11 +76,41 @@ def test_q_scale_folds_softmax_scale_and_log2e():
 
 def test_v_per_channel_fp8_scale():
     _, _, v = make_qkv(v_gain=30.0)
-    v8, scale = quantize_v(v, 448.0)
-    assert v8.dtype == torch.float8_e4m3fn
+    v8, scale, factor = quantize_v(v, 448.0)
+    assert factor is None and v8.dtype == torch.float8_e4m3fn
     assert torch.allclose(scale, v.float().abs().amax(dim=-2) / 448.0)
     assert v8.float().abs().amax(dim=-2).max() == 448.0
     assert rel_l1(v8.float() * scale.unsqueeze(-2), v.float()) < 0.04
+
+
+def test_v_block_factor_fills_each_block_and_covers_what_the_sample_missed():
+    _, _, v = make_qkv(lk=700, v_gain=3.0)
+    v = v.clone()
+    v[..., 450, 5] = 200.0                     # an outlier in chunk 3, which a 2-chunk sample reads ...
+    tokens = stats_tokens(700, 2)              # 6 chunks -> chunks 0 and 3 (stride 3)
+    assert stats_chunks(700, 2) == (2, 3) and tokens.tolist() == list(range(128)) + list(range(384, 512))
+    v[..., 140, 7] = -300.0                    # ... and one in chunk 1, which it misses
+    mean = value_mean(v, tokens)
+    v8, scale, factor = quantize_v(v, 448.0, mean, tokens=tokens, block_scale=True)
+    assert factor.shape == (1, 2, 6)
+    blocks = torch.nn.functional.pad(v8.float(), (0, 0, 0, 68)).reshape(1, 2, 6, 128, 64)
+    assert torch.equal(blocks.abs().amax(dim=(-1, -2)), torch.full((1, 2, 6), 448.0))   # every block uses the range
+    assert factor[..., 1].min() > 1.0          # the missed outlier: the block's factor grows, nothing saturates
+    recon = v8.float() * scale.unsqueeze(-2) * factor.repeat_interleave(128, dim=-1)[..., :700, None] + mean
+    assert rel_l1(recon, v.float()) < 0.04
+    assert stats_tokens(700, 0) is None and stats_tokens(700, 6) is None and stats_tokens(700, 8) is None
+    assert stats_chunks(130, 8) == (2, 1) and stats_tokens(3000, 8).numel() == 8 * 128
+
+
+def test_sampled_statistics_and_block_factors_keep_the_output():
+    # smoothing is exact for any centre, and the block factor is exact bookkeeping: sampled statistics and
+    # per-block V factors change only roundings (here 8 chunks of 128 from 1500 keys)
+    q, k, v = make_qkv(lq=100, lk=1500, k_bias=5.0)
+    ref, _ = _ref64(q, k, v)
+    official = sage_attention(q, k, v, config=SageConfig.from_preset("sage2_v_global", kernel="torch"))
+    for cfg in (TWIN, TWIN.replace(stats_chunks=2), TWIN.replace(stats_chunks=0)):
+        out = sage_attention(q, k, v, config=cfg)
+        assert rel_l1(out, ref) <= 1.1 * rel_l1(official, ref) + 1e-4
 
 
 # ------------------------------------------------------------------ accuracy floors (twin vs fp64)
@@ -139,7 +169,7 @@ def test_quantizers_multiply_by_the_reciprocal_scale():
     q8, scale = int8_by_groups(x, gid)
     expect = round_half_away(x * torch.reciprocal(scale).unsqueeze(-1)).clamp(-127, 127)
     assert torch.equal(q8.float(), expect)
-    v16, vs = quantize_v(x.to(torch.bfloat16).unsqueeze(0), 448.0, None, "fp16")
+    v16, vs, _ = quantize_v(x.to(torch.bfloat16).unsqueeze(0), 448.0, None, "fp16")
     assert v16.dtype == torch.float16 and v16.float().abs().amax(dim=-2).max() == 448.0
 
 
@@ -179,7 +209,8 @@ def test_finer_granularity_is_not_worse():
     assert _err(TWIN.replace(qk_granularity="per_token"), **case) <= per_block
 
 
-@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token", "sage2_pv16"])
+@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage_per_token", "sage2_pv16",
+                                    "sage2_v_global"])
 def test_presets_meet_the_floors(preset):
     q, k, v = make_qkv(lq=256, lk=256)
     out = sage_attention(q, k, v, config=SageConfig.from_preset(preset, kernel="torch"))
@@ -265,6 +296,12 @@ def test_config_validation():
     assert SageConfig.from_preset("sage2_pv16").pv_dtype == "fp16"
     assert SageConfig(pv_accumulation="fp32+fp16", block_n=128).resolved_v_scale_max == 1.0
     assert SageConfig.from_dict(SageConfig.from_preset("sage2pp").to_dict()) == SageConfig.from_preset("sage2pp")
+    with pytest.raises(ConfigError, match="stats_chunks"):
+        SageConfig(stats_chunks=-1)
+    with pytest.raises(ConfigError, match="v_block_scale=False"):
+        SageConfig(v_block_scale=False)
+    glob = SageConfig.from_preset("sage2_v_global")
+    assert not glob.v_block_scale and glob.stats_chunks == 0
 
 
 def test_explicit_triton_kernel_without_gpu_or_interpreter_raises(monkeypatch):

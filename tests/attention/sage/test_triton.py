@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fewer.attention.sage import SageConfig, sage_attention
-from fewer.attention.sage.reference import key_mean, quantize_k, quantize_q, quantize_v, value_mean
+from fewer.attention.sage.reference import key_mean, quantize_k, quantize_q, quantize_v, stats_tokens, value_mean
 from fewer.core import can_run_triton, has_cuda, rel_l1
 
 from .conftest import make_qkv
@@ -30,13 +30,15 @@ def test_quantizers_equal_the_twin_bit_for_bit(granularity):
     buf = quantize_triton(q, k, v, 0.125, cfg, k_mean=k_mean, v_mean=v_mean)
     q8, qs, _ = quantize_q(q, 0.125, granularity, smooth=False)
     k8, ks = quantize_k(k, granularity, k_mean)
-    v8, vs = quantize_v(v, 448.0, v_mean)
+    v8, vs, vf = quantize_v(v, 448.0, v_mean, block_scale=True)
     d, lq, lk = 48, 150, 200
     assert torch.equal(buf["q8"][:, :lq, :d].reshape(q8.shape), q8)
     assert torch.equal(buf["q_scale"][:, :lq].reshape(qs.shape), qs)
     assert torch.equal(buf["k8"][:, :lk, :d].reshape(k8.shape), k8)
     assert torch.equal(buf["k_scale"][:, :lk].reshape(ks.shape), ks)
     assert torch.equal(buf["v_scale"][:, :d].reshape(vs.shape), vs)
+    assert torch.equal(buf["v_factor"][..., 0].reshape(vf.shape), vf)
+    assert torch.equal(buf["v_factor"][..., 1].reshape(vf.shape), torch.reciprocal(vf))
     slots = key_slots(buf["v_t"].shape[2], device=buf["v_t"].device)
     assert torch.equal(slots.sort().values, torch.arange(len(slots), device=slots.device))   # a permutation
     v_t = buf["v_t"][:, :d, slots[:lk]].transpose(1, 2).reshape(v8.shape)  # stored transposed [D, L], keys reordered
@@ -53,8 +55,9 @@ def test_fp16_v_quantizer_equals_the_twin_bit_for_bit():
     cfg = SageConfig.from_preset("sage2_pv16")
     v_mean = value_mean(v)
     buf = quantize_triton(q, k, v, 0.125, cfg, k_mean=key_mean(k), v_mean=v_mean)
-    v16, vs = quantize_v(v, 448.0, v_mean, "fp16")
+    v16, vs, vf = quantize_v(v, 448.0, v_mean, "fp16", block_scale=True)
     assert buf["v_t"] is None and buf["v16"].dtype == torch.float16
+    assert torch.equal(buf["v_factor"][..., 0].reshape(vf.shape), vf)
     assert torch.equal(buf["v_scale"][:, :48].reshape(vs.shape), vs)
     assert torch.equal(buf["v16"][:, :200, :48].reshape(v16.shape), v16)   # natural [L, D] layout
     assert not buf["v16"][:, 200:].any() and not buf["v16"][:, :, 48:].any()
@@ -64,11 +67,11 @@ def test_quantizers_without_smoothing_equal_the_twin():
     from fewer.attention.sage.triton import quantize_triton
 
     q, k, v = _qkv(lq=130, lk=130, d=64)
-    cfg = SageConfig(smooth_k=False, smooth_v=False)
+    cfg = SageConfig.from_preset("sage2_v_global", smooth_k=False, smooth_v=False)
     buf = quantize_triton(q, k, v, 0.125, cfg)
     k8, ks = quantize_k(k, "per_thread", None)
-    v8, vs = quantize_v(v, 448.0, None)
-    assert buf["k_mean"] is None and buf["v_mean"] is None
+    v8, vs, _ = quantize_v(v, 448.0, None)
+    assert buf["k_mean"] is None and buf["v_mean"] is None and buf["v_factor"] is None
     assert torch.equal(buf["k8"][:, :130].reshape(k8.shape), k8)
     assert torch.equal(buf["v_scale"].reshape(vs.shape), vs)
 
@@ -80,6 +83,32 @@ def test_kernel_means_match_torch():
     buf = quantize_triton(q, k, v, 0.125, SageConfig())
     torch.testing.assert_close(buf["k_mean"][:, :64].reshape(1, 2, 1, 64), key_mean(k), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(buf["v_mean"][:, :64].reshape(1, 2, 1, 64), value_mean(v), rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_statistics_equal_the_twin():
+    # 6 chunks, a 2-chunk sample (chunks 0 and 3): means close to the twin's sample means; given those means,
+    # the channel scale (sample max), the block factors and the values equal the twin bit for bit
+    from fewer.attention.sage.triton import key_slots, quantize_triton
+
+    q, k, v = _qkv(lq=64, lk=700, d=48, k_bias=3.0)
+    v = v.clone()
+    v[..., 140, 7] = -40.0        # outside the sample: only its block's factor sees it
+    cfg = SageConfig(stats_chunks=2)
+    tokens = stats_tokens(700, 2, device=k.device)
+    buf = quantize_triton(q, k, v, 0.125, cfg)
+    torch.testing.assert_close(buf["k_mean"][:, :48].reshape(1, 2, 1, 48), key_mean(k, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf["v_mean"][:, :48].reshape(1, 2, 1, 48), value_mean(v, tokens), rtol=1e-5,
+                               atol=1e-5)
+    k_mean, v_mean = key_mean(k, tokens), value_mean(v, tokens)
+    buf = quantize_triton(q, k, v, 0.125, cfg, k_mean=k_mean, v_mean=v_mean)
+    v8, vs, vf = quantize_v(v, 448.0, v_mean, tokens=tokens, block_scale=True)
+    assert torch.equal(buf["v_scale"][:, :48].reshape(vs.shape), vs)
+    assert torch.equal(buf["v_factor"][:, :6, 0].reshape(vf.shape), vf) and vf[..., 1].min() > 1.0
+    slots = key_slots(buf["v_t"].shape[2], device=buf["v_t"].device)
+    v_t = buf["v_t"][:, :48, slots[:700]].transpose(1, 2).reshape(v8.shape)
+    assert torch.equal(v_t.view(torch.uint8), v8.view(torch.uint8))
+    k8, ks = quantize_k(k, "per_thread", k_mean)
+    assert torch.equal(buf["k8"][:, :700, :48].reshape(k8.shape), k8)
 
 
 def test_q_smoothing_quantizer_close_to_twin():
@@ -95,6 +124,7 @@ def test_q_smoothing_quantizer_close_to_twin():
 
 CASES = [
     dict(shape=dict(lq=200, lk=237), causal=False),
+    dict(shape=dict(lq=70, lk=700), causal=False, config=dict(stats_chunks=2)),   # sampled statistics
     dict(shape=dict(lq=200, lk=200), causal=True),
     dict(shape=dict(hq=4, hk=2, lq=70, lk=300), causal=True),
     dict(shape=dict(hq=4, hk=1, lq=300, lk=70), causal=True),
@@ -104,21 +134,22 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c["shape"].items())
-                         + ("-causal" if c["causal"] else ""))
+                         + ("-causal" if c["causal"] else "") + ("-sampled" if "config" in c else ""))
 def test_attention_kernel_matches_twin(case):
     shape = case["shape"]
     q, k, v = _qkv(**shape)
     gqa = shape.get("hq", 2) != shape.get("hk", 2)
+    cfg = SageConfig(**case.get("config", {}))
     out, lse = sage_attention(q, k, v, is_causal=case["causal"], enable_gqa=gqa, return_lse=True,
-                              config=SageConfig(kernel="triton"))
+                              config=cfg.replace(kernel="triton"))
     twin, twin_lse = sage_attention(q, k, v, is_causal=case["causal"], enable_gqa=gqa, return_lse=True,
-                                    config=SageConfig(kernel="torch"))
+                                    config=cfg.replace(kernel="torch"))
     assert torch.isfinite(out).all()
     assert rel_l1(out, twin) <= TOL["kernel_vs_twin_rel_l1_max"]
     assert (lse - twin_lse).abs().max() <= TOL["kernel_vs_twin_lse_max_abs"]
 
 
-@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage2_pv16"])
+@pytest.mark.parametrize("preset", ["sage2pp", "sage2_smooth_q", "sage_per_block", "sage2_pv16", "sage2_v_global"])
 def test_presets_match_twin(preset):
     q, k, v = _qkv(lq=150, lk=150, q_outlier=10.0)
     cfg = SageConfig.from_preset(preset)

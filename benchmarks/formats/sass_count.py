@@ -39,7 +39,7 @@ def compile_sass(name: str, rounding: str, tile=None, warps=None, vec=None, roww
     spec = get_spec(name)
     block = spec.block_shape[1]
     BM, BK = tile or tk.default_tile(spec, block, 8192, 8192, rounding)
-    vec = vec or tk.default_vec(spec, rounding)
+    vec = vec or tk.default_vec(spec, rounding, block)
     warps = warps or tk.default_warps(BM, BK, vec)
     scale_rounding = scale_rounding or tk.SCALE_ROUNDING[spec.scale_format][0]
     const = tk.kernel_meta(spec, block, BM, BK, vec, warps, rounding, scale_rounding, rowwise, colwise, hw)

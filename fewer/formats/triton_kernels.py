@@ -101,16 +101,20 @@ ROWS_PER_THREAD = 16
 
 
 def default_tile(spec: FormatSpec, block: int, M: int, K: int, rounding: str = "nearest") -> tuple[int, int]:
-    """128 rows (8 groups of 16) x 64 columns for RTN; 128 x 128 for SR and where a block or outer block spans
-    128 (the fastest valid tiles of the v3 sweep on an H200, benchmarks/formats/NOTES.md)."""
-    if spec.second_level == "outer128" or block >= OUTER_BLOCK or rounding == "stochastic":
+    """128 rows (8 groups of 16) x 64 columns; 128 x 128 where a block or an outer block spans 128. SR takes the
+    same tiles since v4 (its cheaper stream ran fastest at 128x64 in the v4 sweep on an H200, benchmarks/formats/NOTES.md)."""
+    if spec.second_level == "outer128" or block >= OUTER_BLOCK:
         return OUTER_BLOCK, OUTER_BLOCK
     return OUTER_BLOCK, max(64, block)
 
 
-def default_vec(spec: FormatSpec, rounding: str) -> int:
-    # INT8 RTN (no fp8 cvt) ran fastest with 8 elements per thread along K (16-byte loads)
-    return 8 if spec.element is INT8_ELEMENT and rounding == "nearest" else DEFAULT_VEC
+def default_vec(spec: FormatSpec, rounding: str, block: Optional[int] = None) -> int:
+    # RTN with 1x128 blocks or outer blocks (INT8 / FP8 1x128, nvfp4_double): 8 elements per thread along K (16-byte
+    # loads, half the lanes per row block); fastest in the v3 (INT8) and v4 sweeps on an H200
+    block = spec.block_shape[1] if block is None else block
+    if rounding == "nearest" and (block >= OUTER_BLOCK or spec.second_level == "outer128"):
+        return 8
+    return DEFAULT_VEC
 
 
 DEFAULT_VEC = 4          # elements per thread along K: 8-byte bf16 loads, 64 elements per thread
@@ -189,7 +193,7 @@ def fused_quantize(x: torch.Tensor, spec: FormatSpec | str, *, rowwise: bool = T
             or (spec.second_level == "outer128" and (BM, BK) != (OUTER_BLOCK, OUTER_BLOCK))):
         raise ValueError(f"tile {(BM, BK)} must be powers of two, multiples of the block {block} and of "
                          f"{ROWS_PER_THREAD} rows (128x128 for outer128)")
-    vec = default_vec(spec, rounding) if vec is None else vec
+    vec = default_vec(spec, rounding, block) if vec is None else vec
     if vec not in (1, 2, 4, 8) or BK % vec:
         raise ValueError(f"vec (elements per thread along K) must be 1, 2, 4 or 8 and divide BK={BK}, got {vec}")
     if block < ROWS_PER_THREAD:

@@ -142,6 +142,11 @@ def graph_ms(fn, calls: int = GRAPH_CALLS, reps: int = 15) -> float:
     return times[len(times) // 2]
 
 
+def auto_prefetch(BM: int, BK: int, warps: int) -> bool:
+    """The kernel's automatic register-prefetch choice (triton_kernels.kernel_meta)."""
+    return BM * BK // (warps * 32) < 128
+
+
 def resident_programs(n_regs, warps: int) -> int:
     """Programs of ``warps`` warps that fit on one SM at once by registers (256-register warp granules)."""
     if not isinstance(n_regs, int) or n_regs <= 0:
@@ -161,6 +166,7 @@ def configs_to_compile() -> list[tuple]:
         for rounding in ("nearest", "stochastic"):
             for BM, BK, warps, vec in candidates(name):
                 out.append((name, rounding, BM, BK, warps, vec, True, True, True))
+                out.append((name, rounding, BM, BK, warps, vec, True, True, True, None, "flip"))
     for name in ("nvfp4", "mxfp8"):
         for rowwise, colwise in ((True, False), (False, True)):
             for BM, BK, warps, vec in candidates(name):
@@ -178,14 +184,17 @@ def _compile_worker(cfgs) -> list[str]:
     torch.cuda.set_device(0)
     x = torch.randn(256, 256, device="cuda").to(torch.bfloat16)
     errors = []
-    for name, rounding, BM, BK, warps, vec, rowwise, colwise, hw_cvt, *scale_rounding in cfgs:
+    for name, rounding, BM, BK, warps, vec, rowwise, colwise, hw_cvt, *extra in cfgs:
         triton_kernels.HW_ELEMENT_CVT = hw_cvt
+        scale_rounding = extra[0] if extra else None
+        triton_kernels.PREFETCH = (not auto_prefetch(BM, BK, warps)) if extra[1:] == ["flip"] else None
         try:
             fused_quantize(x, name, rounding=rounding, seed=3 if rounding == "stochastic" else None, tile=(BM, BK),
-                           num_warps=warps, vec=vec, rowwise=rowwise, colwise=colwise,
-                           scale_rounding=scale_rounding[0] if scale_rounding else None)
+                           num_warps=warps, vec=vec, rowwise=rowwise, colwise=colwise, scale_rounding=scale_rounding)
         except Exception as exc:  # recorded; the timing loop skips it too
             errors.append(f"{name} {rounding} {BM}x{BK} w{warps} v{vec}: {type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            triton_kernels.PREFETCH = None
     torch.cuda.synchronize()
     return errors
 
@@ -210,6 +219,7 @@ def bench_shape(label: str, M: int, K: int, copy_gbs: float, tune: bool, chosen:
         for rounding in ("nearest", "stochastic"):
             seed = 7 if rounding == "stochastic" else None
             key = (name, rounding)
+            triton_kernels.PREFETCH = None
             if tune and time.time() - start < DEADLINE_S:
                 cands = [(*c, None) for c in candidates(name)]
             else:
@@ -224,28 +234,40 @@ def bench_shape(label: str, M: int, K: int, copy_gbs: float, tune: bool, chosen:
                 except Exception as exc:  # a tile that does not compile: record and move on
                     print(f"  {name} {BM}x{BK} w{warps} v{vec}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
                     continue
-                # persistent grid with as many programs as fit on an SM at once, or one program per tile
-                modes = [per_sm] if per_sm is not None else [resident_programs(stats["n_regs"], warps), 1 << 20]
-                for psm in modes:
-                    fn = lambda: fused_quantize(x, name, rounding=rounding, seed=seed, tile=(BM, BK),  # noqa: E731
-                                                num_warps=warps, vec=vec, programs_per_sm=psm)
+                # persistent grid with as many programs as fit on an SM at once, or one program per tile; and the
+                # register prefetch of the next tile as the kernel picks it, or flipped (v4)
+                auto = auto_prefetch(BM, BK, warps)
+                modes = [per_sm] if per_sm is not None else [
+                    (resident_programs(stats["n_regs"], warps), auto), (1 << 20, auto), (None, not auto)]
+                for psm, pf in modes:
+                    def fn():
+                        triton_kernels.PREFETCH = pf
+                        try:
+                            return fused_quantize(x, name, rounding=rounding, seed=seed, tile=(BM, BK),  # noqa: B023
+                                                  num_warps=warps, vec=vec, programs_per_sm=psm)  # noqa: B023
+                        finally:
+                            triton_kernels.PREFETCH = None
                     r, c = fn()
+                    st = kernel_stats()
+                    if psm is None:
+                        psm = resident_programs(st["n_regs"], warps)
                     same = operand_equal(r, ref_row) and operand_equal(c, ref_col)
                     t = graph_ms(fn)
                     if tune:
                         sweep_rows.append({"shape": label, "format": name, "rounding": rounding, "tile": f"{BM}x{BK}",
-                                           "num_warps": warps, "vec": vec, "programs_per_sm": psm,
-                                           "median_ms": round(t, 4), "same_as_default": same, **stats})
+                                           "num_warps": warps, "vec": vec, "programs_per_sm": psm, "prefetch": pf,
+                                           "median_ms": round(t, 4), "same_as_default": same, **st})
                     if not same:
                         print(f"  {name} {rounding} {BM}x{BK} w{warps} v{vec} p{psm}: DIFFERS from the default tile",
                               flush=True)
                         continue
                     if best is None or t < best[0]:
-                        best = (t, BM, BK, warps, vec, psm, stats)
+                        best = (t, BM, BK, warps, vec, (psm, pf), st)
             if best is None:
                 continue
-            t, BM, BK, warps, vec, psm, stats = best
-            chosen[key] = (BM, BK, warps, vec, psm)
+            t, BM, BK, warps, vec, (psm, pf), stats = best
+            chosen[key] = (BM, BK, warps, vec, (psm, pf))
+            triton_kernels.PREFETCH = pf          # the chosen prefetch for every timing of this format below
             kw = dict(rounding=rounding, seed=seed, tile=(BM, BK), num_warps=warps, vec=vec, programs_per_sm=psm)
             row, col = fused_quantize(x, name, **kw)
             nbytes = in_bytes + output_bytes(row, col)
@@ -255,12 +277,12 @@ def bench_shape(label: str, M: int, K: int, copy_gbs: float, tune: bool, chosen:
             variant = "fused row+col" + (" (incl. amax pass)" if name == "nvfp4" else "")
             rows.append({"shape": label, "M": M, "K": K, "format": name, "rounding": rounding,
                          "variant": variant, "tile": f"{BM}x{BK}", "num_warps": warps, "vec": vec,
-                         "programs_per_sm": psm,
+                         "programs_per_sm": psm, "prefetch": pf,
                          "median_ms": round(t, 4), "eager_ms": round(eager, 4), "bytes": nbytes, "bytes_moved": moved,
                          "gbs": round(gbs, 1), "copy_gbs": round(copy_gbs, 1), "pct_of_copy": round(100 * gbs / copy_gbs, 1),
                          "row_sqnr_db": safe_sqnr(row, x), **stats})
             base = rows[-1]
-            print(f"  {label} {name:15s} {rounding:10s} {base['tile']} w{warps} v{vec} p{psm}: {t:.4f} ms "
+            print(f"  {label} {name:15s} {rounding:10s} {base['tile']} w{warps} v{vec} p{psm} pf{int(pf)}: {t:.4f} ms "
                   f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy) regs {stats['n_regs']} spills {stats['n_spills']}",
                   flush=True)
             if name == "nvfp4":
@@ -313,7 +335,8 @@ def ablation_no_hw_cvt(label: str, M: int, K: int, copy_gbs: float, chosen: dict
                                "row_sqnr_db": safe_sqnr(row, xc)})
         x = torch.randn(M, K, device="cuda", dtype=torch.float32).mul_(2).to(torch.bfloat16)
         for name in HW_COL_FORMATS:
-            BM, BK, warps, vec, psm = chosen.get((name, "nearest"), (*candidates(name)[0], None))
+            BM, BK, warps, vec, (psm, pf) = chosen.get((name, "nearest"), (*candidates(name)[0], (None, None)))
+            triton_kernels.PREFETCH = pf
             fn = lambda: fused_quantize(x, name, tile=(BM, BK), num_warps=warps, vec=vec, programs_per_sm=psm)  # noqa: E731
             r, c = fn()
             stats = kernel_stats()
@@ -329,6 +352,7 @@ def ablation_no_hw_cvt(label: str, M: int, K: int, copy_gbs: float, chosen: dict
                   flush=True)
     finally:
         triton_kernels.HW_ELEMENT_CVT = True
+        triton_kernels.PREFETCH = None
     return checks, rows
 
 
@@ -347,6 +371,7 @@ def main() -> int:
     parser.add_argument("--no-tune", action="store_true", help="one tile per format instead of a small sweep")
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1), help="parallel compile processes")
     parser.add_argument("--out", default=None, help="also write the CSVs here (e.g. $OUT)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the hardware-cvt-off ablation")
     parser.add_argument("--tag", default="v4", help="suffix of the CSV names (formats_quantize_<tag>.csv, ...)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -380,7 +405,8 @@ def main() -> int:
                      "row_sqnr_db": "", "n_regs": "", "n_spills": ""})
         rows += bench_shape(label, M, K, copy_gbs, tune=(i == 0 and not args.no_tune), chosen=chosen, start=start,
                             sweep_rows=sweep_rows)
-        if i == 0:
+        triton_kernels.PREFETCH = None
+        if i == 0 and not args.no_ablation:
             try:
                 hw_checks, hw_rows = ablation_no_hw_cvt(label, M, K, copy_gbs, chosen)
                 check_rows += hw_checks
@@ -398,7 +424,8 @@ def main() -> int:
         paths.append(bench.write_csv(sweep_rows, "formats", f"quantize_tiles_{args.tag}"))
     print("wrote", *paths)
     summary = [{k: r.get(k, "") for k in ("shape", "format", "rounding", "variant", "tile", "num_warps", "vec",
-                                          "programs_per_sm", "median_ms", "gbs", "pct_of_copy", "n_regs")} for r in rows]
+                                          "programs_per_sm", "prefetch", "median_ms", "gbs", "pct_of_copy", "n_regs")}
+               for r in rows]
     print(f"\nGPU: {env['gpu']}   bit-exact: {all_ok}   total {time.time() - start:.0f}s")
     bench.print_table(summary)
     return 0 if all_ok else 1

@@ -93,7 +93,9 @@ def main() -> None:
     p.add_argument("--tile", default=None, help="BMxBK")
     p.add_argument("--warps", type=int, default=None)
     p.add_argument("--vec", type=int, default=None)
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto")
     a = p.parse_args()
+    tk.PREFETCH = {"auto": None, "on": True, "off": False}[a.prefetch]
     tile = tuple(map(int, a.tile.split("x"))) if a.tile else None
     for name in a.formats.split(","):
         for rounding in a.rounding.split(","):

@@ -297,13 +297,13 @@ def dual_quantize_kernel(
     SIGN_SHIFT: tl.constexpr, EMAX: tl.constexpr, EMAXEXP: tl.constexpr,
     SCALE: tl.constexpr, SCALE_ROUND: tl.constexpr,
     STOCHASTIC: tl.constexpr, DO_ROW: tl.constexpr, DO_COL: tl.constexpr, HW_CVT: tl.constexpr,
-    HW_ROW: tl.constexpr, HW_COL: tl.constexpr, BLOCK2D: tl.constexpr,
+    HW_ROW: tl.constexpr, HW_COL: tl.constexpr, BLOCK2D: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """[BM, BK] tiles of x (contiguous along K) -> row-wise and column-wise codes and scales.
 
-    Persistent: program p handles tiles p, p + P, p + 2P, ... (P programs), and loads the next
-    tile into registers before it quantizes the current one, so the loads of one tile overlap the
-    arithmetic of the previous one.
+    Persistent: program p handles tiles p, p + P, p + 2P, ... (P programs); with PREFETCH it loads the
+    next tile into registers before it quantizes the current one, so the loads of one tile overlap the
+    arithmetic of the previous one (without, the other resident programs hide the load latency).
 
     A tile is held as [NG, RPT, BK]: element [g, i, k] is x[m0 + g*RPT + i, k0 + k]. The load
     vectorizes along k (lanes along k, then g), and as long as NG*BK/VEC covers every thread,
@@ -326,10 +326,14 @@ def dual_quantize_kernel(
         fill_nvfp4_table(table_ptr, s2)
     step = tl.num_programs(0)
     tile = tl.program_id(0)
-    xin_next = load_tile(x_ptr, tile, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
+    if PREFETCH:
+        xin_next = load_tile(x_ptr, tile, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
     while tile < n_tiles:      # a while loop: the interpreter (numpy >= 2.4) cannot take a runtime range() bound
-        xin = xin_next
-        xin_next = load_tile(x_ptr, tile + step, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
+        if PREFETCH:           # the next tile's registers are loaded before this tile is quantized
+            xin = xin_next
+            xin_next = load_tile(x_ptr, tile + step, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
+        else:
+            xin = load_tile(x_ptr, tile, n_tiles, n_k, M, K, stride_xm, BM, BK, RPT, VEC)
         if BLOCK2D:
             quantize_tile_2d(xin, tile // n_k, tile % n_k, M, K, encode_factor, table_ptr,
                              row_data_ptr, row_scale_ptr, col_data_ptr, col_scale_ptr, key_row, key_col,

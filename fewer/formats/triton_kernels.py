@@ -37,6 +37,9 @@ _SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 
 # FP8 RTN element codes through the hardware cvt (sm_89+), as explicit cvt.rn.satfinite PTX in both directions (v4;
 # v3 used Triton's fp8 cast for rows, which gave wrong codes with vec = 8 on an H200). False: arithmetic everywhere.
 HW_ELEMENT_CVT = True
+# Register prefetch of the next tile in the persistent loop: None = automatic (off where a thread holds 128 or more
+# elements of a tile: there the second tile's registers made ptxas spill, v4), True / False = forced (benchmarks).
+PREFETCH = None
 LAST_COMPILED = None     # the last launched compiled kernel (benchmarks read n_regs / n_spills off it)
 FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double",
                  "mxfp4", "mxfp8", "mxfp8_e5m2")
@@ -255,13 +258,14 @@ def kernel_meta(spec: FormatSpec, block: int, BM: int, BK: int, vec: int, warps:
     """The kernel's compile-time arguments (also used by benchmarks/formats/sass_count.py offline)."""
     element, kind = spec.element, _scale_kind(spec)
     hw_elem = hw and HW_ELEMENT_CVT           # FP8 RTN codes through explicit cvt PTX, both directions, any vec
+    prefetch = PREFETCH if PREFETCH is not None else BM * BK // (warps * 32) < 128
     return dict(BM=BM, BK=BK, BLOCK=block, RPT=ROWS_PER_THREAD, VEC=vec, MANT=element.mantissa_bits or 0,
                 BIAS=0 if element.is_integer else 1 - element.min_exponent,
                 INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,
                 EMAX=element.max_value, EMAXEXP=0 if element.is_integer else element.max_exponent, SCALE=kind,
                 SCALE_ROUND=_SCALE_ROUND_CODE[scale_rounding], STOCHASTIC=rounding == "stochastic",
                 DO_ROW=rowwise, DO_COL=colwise, HW_CVT=hw, HW_ROW=hw_elem, HW_COL=hw_elem, BLOCK2D=_is_2d(spec),
-                num_warps=warps, num_stages=1)
+                PREFETCH=prefetch, num_warps=warps, num_stages=1)
 
 
 def _launch(x, fmt, rowwise, colwise, block, rounding, scale_rounding, seed, stream_row, stream_col,

@@ -208,24 +208,29 @@ def tune(rows: list) -> None:
             best_tot = (t_tot, tot)
     kernels.TUNING[("tot", 64)] = best_tot[1]
     ms = run(split, fwd, lin)
-    # inference-call options of the linear-part kernel (register pressure, NOTES_sla.md v3):
-    # (PRELOAD_TOTALS, FOLD_PROJ, PHI_IN_KERNEL); the v3 default is (False, False, True)
-    best_opt = (ms, (False, False, True))
-    for opt in ((True, False, True), (True, True, True), (True, True, False), (False, False, False)):
-        kernels.PRELOAD_TOTALS, kernels.FOLD_PROJ, kernels.PHI_IN_KERNEL = opt
+    # inference-call options (NOTES_sla.md v3/v4): (PRELOAD_TOTALS, FOLD_PROJ, PHI_IN_KERNEL,
+    # PHI_POOL_PASS); v3 was (False, False, True, False)
+    names = ("PRELOAD_TOTALS", "FOLD_PROJ", "PHI_IN_KERNEL", "PHI_POOL_PASS")
+    best_opt = (float("inf"), None)
+    for opt in ((True, True, False, True), (True, True, False, False), (True, True, True, True),
+                (False, False, True, True), (False, False, True, False), (True, False, True, True),
+                (False, True, False, True)):
+        for name, value in zip(names, opt):
+            setattr(kernels, name, value)
         try:
             with torch.no_grad():
                 t_opt = bench.time_ms(lambda: attn(q, k, v))["median_ms"]
         except Exception as exc:
             print(f"tuning options {opt} failed: {exc}")
             continue
-        rows.append(dict(split="options preload,fold,phi_in_kernel", fwd_warps_stages_pair=str(opt),
+        rows.append(dict(split="options preload,fold,phi_in_kernel,phi_pool", fwd_warps_stages_pair=str(opt),
                          lin_warps_stages_pair="", module_fwd_ms=t_opt))
         if t_opt < best_opt[0]:
             best_opt = (t_opt, opt)
-    kernels.PRELOAD_TOTALS, kernels.FOLD_PROJ, kernels.PHI_IN_KERNEL = best_opt[1]
+    for name, value in zip(names, best_opt[1]):
+        setattr(kernels, name, value)
     print(f"tuning: split={split} fwd={fwd} lin={lin} totals={best_tot[1]} ({ms:.3f} ms); "
-          f"options (preload, fold, phi_in_kernel)={best_opt[1]} ({best_opt[0]:.3f} ms)")
+          f"options (preload, fold, phi_in_kernel, phi_pool)={best_opt[1]} ({best_opt[0]:.3f} ms)")
     del q, k, v
     torch.cuda.empty_cache()
 
@@ -328,8 +333,11 @@ PTXAS_VARIANTS = [  # (label, kernel name, num_warps, num_stages, constexprs): t
     ("linear, + PRELOAD_TOTALS", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True)),
     ("linear, + PRELOAD_TOTALS + FOLD_PROJ", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True, FOLD=True)),
     ("linear, + PRELOAD + FOLD, phi read", "_sla_fwd_linear_kernel", 4, 2, dict(PRE=True, FOLD=True, PHI_Q=0)),
+    ("linear, FOLD, phi read (v4 default)", "_sla_fwd_linear_kernel", 4, 2, dict(FOLD=True, PHI_Q=0)),
+    ("phi/pool pass (v4)", "_sla_phi_pool_kernel", 4, 1, dict(BLOCK_N=64, PHI=1, WRITE_PHI=True)),
     ("totals pass, v3 default", "_sla_totals_kernel", 4, 3, dict()),
     ("totals pass, PROJ_V", "_sla_totals_kernel", 8, 2, dict(PROJ_V=True)),
+    ("totals pass, PROJ_V, 4 warps", "_sla_totals_kernel", 4, 3, dict(PROJ_V=True)),
 ]
 
 
@@ -349,7 +357,7 @@ def ptxas_resources(variants=PTXAS_VARIANTS) -> list:
     from fewer.attention.sla import triton as kernels
     defaults = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, LINEAR_MODE=1, FUSE_PROJ=True, SAVE=False, PHI_Q=1, PAIR=1,
                     HILO=True, FOLD=False, PRE=False, PROJ_V=False, PREC="tf32", INTERPRET=False)
-    bf16_ptrs = {"Q", "QPHI", "V", "KPHI", "K", "OUT", "OS", "WHL", "VP"}
+    bf16_ptrs = {"Q", "QPHI", "V", "KPHI", "K", "OUT", "OS", "WHL", "VP", "X", "PHI_OUT"}
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     rows = []
     for label, name, warps, stages, over in variants:
@@ -359,7 +367,7 @@ def ptxas_resources(variants=PTXAS_VARIANTS) -> list:
         for i, arg in enumerate(fn.arg_names):
             if arg in const:
                 sig[arg] = "constexpr"
-            elif arg in ("Lq", "Lk", "D", "Mq", "NC", "NL", "CHUNK_TILES"):
+            elif arg in ("Lq", "Lk", "L", "D", "Mq", "NC", "NL", "CHUNK_TILES"):
                 sig[arg] = "i32"
             elif arg in bf16_ptrs or (arg == "HTOT" and const.get("HILO")):
                 sig[arg] = "*bf16"

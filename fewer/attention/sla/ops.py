@@ -170,6 +170,20 @@ def _totals_backward(ctx, dhtot, dztot):
 torch.library.register_autograd("fewer::sla_totals", _totals_backward, setup_context=_totals_setup)
 
 
+@torch.library.custom_op("fewer::sla_phi_pool", mutates_args=())
+def sla_phi_pool_op(x: torch.Tensor, block: int, phi: int, write_phi: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference only: (phi(x) or an empty tensor, fp32 means of the ``block``-token blocks) of x [BH, L, D]."""
+    out, pooled = _kernels().sla_phi_pool(x, block, phi, write_phi)
+    return (out if out is not None else x.new_empty(0)), pooled
+
+
+@sla_phi_pool_op.register_fake
+def _(x, block, phi, write_phi):
+    bh, length, d = x.shape
+    return (torch.empty_like(x) if write_phi else x.new_empty(0),
+            x.new_empty(bh, -(-length // block), d, dtype=torch.float32))
+
+
 def linear_totals(kphi: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_tot, Z_tot) in fp32: the Triton pass for head dims it takes, else PyTorch in fp32."""
     if kphi.shape[-1] <= _kernels().MAX_TOTALS_HEAD_DIM:
@@ -263,10 +277,11 @@ PHI_CODES = {"softmax": 1, "elu": 2, "relu": 3}
 
 
 def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_kernel: bool = False,
-                   totals: bool = True):
+                   totals: bool = True, phi: tuple | None = None):
     """The fused kernels' [BH, L, D] operands, LUTs, feature maps and totals for one call
     (``phi_in_kernel``: phi(Q) is left to the kernel, qphi is a dummy; ``totals=False``: the
-    kernels compute the totals themselves (folded projection), htot/ztot are dummies)."""
+    kernels compute the totals themselves (folded projection), htot/ztot are dummies; ``phi``:
+    (phi(Q) or None, phi(K)) from the phi/pool pass)."""
     b, h, _, d = q.shape
     qc, kc, vc = (t.reshape(b * h, -1, d).contiguous() for t in (q, k, v))
     mq = plan.critical.shape[2]
@@ -278,8 +293,11 @@ def _kernel_inputs(q, k, v, cfg: SLAConfig, plan: BlockPlan, mode: int, phi_in_k
     else:
         # phi in q's dtype in one pass (torch's half softmax accumulates in fp32); the totals use
         # the same rounded values, so subtracting a block cancels its share up to accumulation order
-        qphi = _dummy(q, q.dtype) if phi_in_kernel else _feature_map_lowp(qc, cfg.feature_map)
-        kphi = _feature_map_lowp(kc, cfg.feature_map)
+        if phi is not None:
+            qphi, kphi = (phi[0] if phi[0] is not None else _dummy(q, q.dtype)), phi[1]
+        else:
+            qphi = _dummy(q, q.dtype) if phi_in_kernel else _feature_map_lowp(qc, cfg.feature_map)
+            kphi = _feature_map_lowp(kc, cfg.feature_map)
         if mode == MODE_SUBTRACT:
             lut_l = plan.negligible.reshape(b * h, mq, -1).contiguous()
             htot, ztot = linear_totals(kphi, vc) if totals else (_dummy(q, torch.float32), _dummy(q, torch.float32))
@@ -294,18 +312,30 @@ def _split_forward(block_q: int) -> bool:
 
 
 @torch.no_grad()
-def plan_blocks_kernel(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None = None) -> BlockPlan:
+def plan_blocks_kernel(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
+                       pooled: tuple | None = None) -> BlockPlan:
     """``plan_blocks`` (its twin and oracle) with the top-k/bottom-k selection and the class map in
     one Triton pass (a sort per row) instead of torch.topk + scatter: the same plan up to ties."""
-    scores = _pooled_scores(q, k, cfg, scale)
+    scores = _pooled_scores(q, k, cfg, scale, pooled)
     n_crit, n_neg = cfg.block_counts(scores.shape[-1])
     return BlockPlan(*_kernels().sla_plan(scores, n_crit, n_neg))
 
 
-def _plan(q, k, cfg: SLAConfig, scale: float, backend: str) -> BlockPlan:
+def _plan(q, k, cfg: SLAConfig, scale: float, backend: str, pooled: tuple | None = None) -> BlockPlan:
     if backend == "triton" and k.shape[-2] <= cfg.block_k * _kernels().MAX_PLAN_KEY_BLOCKS:
-        return plan_blocks_kernel(q, k, cfg, scale)
-    return plan_blocks(q, k, cfg, scale)
+        return plan_blocks_kernel(q, k, cfg, scale, pooled)
+    return plan_blocks(q, k, cfg, scale, pooled)
+
+
+def _plan_with_phi(q, k, cfg: SLAConfig, scale: float, backend: str, phi_in_kernel: bool):
+    """Inference: (plan, (phi(Q) or None, phi(K))) from one Triton pass over each of Q and K (the
+    pooled blocks for the plan and the feature maps), instead of torch means and softmaxes."""
+    b, h, _, d = q.shape
+    code = PHI_CODES[cfg.feature_map]
+    qphi, pq = sla_phi_pool_op(q.reshape(b * h, -1, d).contiguous(), cfg.block_q, code, not phi_in_kernel)
+    kphi, pk = sla_phi_pool_op(k.reshape(b * h, -1, d).contiguous(), cfg.block_k, code, True)
+    plan = _plan(q, k, cfg, scale, backend, (pq.reshape(b, h, -1, d), pk.reshape(b, h, -1, d)))
+    return plan, (None if phi_in_kernel else qphi, kphi)
 
 
 def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
@@ -347,26 +377,27 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SLACon
     check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = resolve(q, cfg)
+    b, h, lq, d = q.shape
+    fusable = (proj_weight is not None and backend == "triton" and proj_weight.shape == (d, d)
+               and proj_weight.dtype == torch.float32 and proj_weight.device == q.device)
+    bias = proj_bias if proj_bias is not None else torch.zeros(d, device=q.device, dtype=torch.float32)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, proj_weight, bias) if t is not None)
+    kernels = _kernels() if fusable else None
+    # inference: phi(Q) inside the kernel (one pass over Q fewer); training keeps it an autograd op
+    phi_q = 0 if (not fusable or save or not kernels.PHI_IN_KERNEL) else PHI_CODES[cfg.feature_map]
+    phi = None
+    if plan is None and fusable and not save and kernels.PHI_POOL_PASS and cfg.linear_scope != "all":
+        plan, phi = _plan_with_phi(q, k, cfg, scale, backend, phi_q != 0)
     if plan is None:
         plan = _plan(q, k, cfg, scale, backend)
     mode = linear_mode_for(plan, cfg)
-    fusable = (proj_weight is not None and mode != MODE_NONE and backend == "triton"
-               and proj_weight.shape == (q.shape[-1], q.shape[-1]) and proj_weight.dtype == torch.float32
-               and proj_weight.device == q.device)
-    if not fusable:
+    if not fusable or mode == MODE_NONE:
         out_sparse, out_linear, plan = sla_parts(q, k, v, cfg, scale, plan)
         return combine(out_sparse, out_linear, proj_weight, proj_bias, q.dtype), plan
-    b, h, lq, d = q.shape
-    bias = proj_bias if proj_bias is not None else torch.zeros(d, device=q.device, dtype=torch.float32)
-    tensors = (q, k, v, proj_weight, bias)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    # inference: phi(Q) inside the kernel (one pass over Q fewer); training keeps it an autograd op
-    kernels = _kernels()
-    phi_q = 0 if (save or not kernels.PHI_IN_KERNEL) else PHI_CODES[cfg.feature_map]
     split = _split_forward(cfg.block_q)
     fold = (kernels.FOLD_PROJ and not save and split and mode == MODE_SUBTRACT and q.dtype == torch.bfloat16
             and d <= kernels.MAX_TOTALS_HEAD_DIM)
-    args = _kernel_inputs(q, k, v, cfg, plan, mode, phi_in_kernel=phi_q != 0, totals=not fold)
+    args = _kernel_inputs(q, k, v, cfg, plan, mode, phi_in_kernel=phi_q != 0, totals=not fold, phi=phi)
     out, *_ = sla_forward_op(*args, proj_weight.t().contiguous(), bias.float().contiguous(), mode, scale,
                              cfg.linear_eps, cfg.block_q, cfg.block_k, True, save, split, phi_q, fold)
     return out.reshape(b, h, lq, d), plan

@@ -52,9 +52,12 @@ def compressed_attention_map(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig,
     return torch.softmax(_pooled_scores(q, k, cfg, scale), dim=-1)
 
 
-def _pooled_scores(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None) -> torch.Tensor:
+def _pooled_scores(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None,
+                   pooled: tuple | None = None) -> torch.Tensor:
+    """Block scores pool(Q) pool(K)^T * scale; ``pooled``: (pool_blocks(q, block_q), pool_blocks(k,
+    block_k)) already computed (fp32)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    pq, pk = pool_blocks(q, cfg.block_q), pool_blocks(k, cfg.block_k)
+    pq, pk = pooled if pooled is not None else (pool_blocks(q, cfg.block_q), pool_blocks(k, cfg.block_k))
     if cfg.smooth_k:
         # pool(K - mean_t K) = pool(K) - mean_t K, so the centred K is never materialised; the token
         # mean is the block means weighted by block sizes (no second pass over K). Python-scalar
@@ -91,10 +94,11 @@ class BlockPlan(NamedTuple):
 
 
 @torch.no_grad()
-def plan_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None = None) -> BlockPlan:
+def plan_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SLAConfig, scale: float | None = None,
+                pooled: tuple | None = None) -> BlockPlan:
     """Classify key blocks per query block (SLA Eq. 3): top k_h critical, bottom k_l negligible."""
     # the softmax of Eq. 2 is monotone per row, so the ranking uses the pooled scores directly
-    scores = _pooled_scores(q, k, cfg, scale)
+    scores = _pooled_scores(q, k, cfg, scale, pooled)
     num_key_blocks = scores.shape[-1]
     n_crit, n_neg = cfg.block_counts(num_key_blocks)
     # top-k rather than a full sort: at Wan-14B shapes a row has 1182 blocks and we keep ~5%

@@ -333,6 +333,27 @@ def _totals_start(qphi, HTOT, ZTOT, bh, offs_d, mask_d, D, HILO: tl.constexpr, P
 
 
 @triton.jit
+def _sla_phi_pool_kernel(X, PHI_OUT, POOL, L, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PHI: tl.constexpr,
+                         WRITE_PHI: tl.constexpr):
+    """One read of X [BH, L, D] (Q or K) for the inference forward: the fp32 mean of every BLOCK_N-token
+    block (POOL [BH, ceil(L/BLOCK_N), D], = reference.pool_blocks) and, with WRITE_PHI, phi(X) in X's
+    dtype (PHI 1 softmax, 2 elu+1, 3 relu over the head dim). Replaces a torch softmax and a torch
+    mean over the same tensor."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    off = bh * L * D + offs_n[:, None] * D + offs_d[None, :]
+    mask = (offs_n < L)[:, None] & mask_d[None, :]
+    x = tl.load(X + off, mask=mask, other=0.0)
+    tokens = tl.minimum(L - j * BLOCK_N, BLOCK_N)
+    tl.store(POOL + (bh * tl.num_programs(0) + j) * D + offs_d, tl.sum(x.to(tl.float32), 0) / tokens, mask=mask_d)
+    if WRITE_PHI:
+        tl.store(PHI_OUT + off, _feature_map_tile(x, mask_d, PHI).to(PHI_OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _sla_totals_kernel(KPHI, V, HPART, ZPART, WHL, VP, Lk, D, CHUNK_TILES,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PROJ_V: tl.constexpr, PREC: tl.constexpr,
                        INTERPRET: tl.constexpr):
@@ -638,7 +659,8 @@ def _non_empty(t: torch.Tensor) -> torch.Tensor:
 
 # (num_warps, num_stages) per pass, by query-block size. One warpgroup (4 warps) per 64 query rows
 # lets Hopper issue m64 wgmma tiles; the backward prefers 8. "lin" is the linear-part kernel of the
-# split forward, "tot" the totals pass. The 64-row entries are the winners of the sweep in
+# split forward, "tot" the totals pass, "totp" the totals pass that also writes V' = V Wp^T (FOLD_PROJ;
+# it spills at 4 warps). The 64-row entries are the winners of the sweep in
 # benchmarks/attention/bench_sla.py (v3, NVIDIA H200, NOTES_sla.md); 3 backward stages overflow shared
 # memory. The benchmark overrides entries to sweep them.
 TUNING: dict[tuple[str, int], tuple[int, int]] = {
@@ -646,6 +668,7 @@ TUNING: dict[tuple[str, int], tuple[int, int]] = {
     ("lin", 16): (4, 2), ("lin", 32): (4, 2), ("lin", 64): (4, 2), ("lin", 128): (8, 2),
     ("bwd", 16): (4, 2), ("bwd", 32): (4, 2), ("bwd", 64): (8, 2), ("bwd", 128): (8, 2),
     ("tot", 16): (4, 2), ("tot", 32): (4, 2), ("tot", 64): (4, 3), ("tot", 128): (4, 3),
+    ("totp", 64): (8, 2),
 }
 # Split forward (sparse kernel, then the linear-part kernel) instead of one fused kernel, per
 # query-block size: two programs with one fp32 accumulator each instead of one holding two. At 64x64
@@ -656,14 +679,17 @@ MAX_TOTALS_HEAD_DIM = 128
 # Key blocks per loop step of the forward kernels ("fwd": the softmax kernel, "lin": the linear-part
 # kernel): 2 gathers two LUT entries into one tile of 2*block_k rows (wider matmuls, half the steps).
 PAIR_BLOCKS: dict[str, int] = {"fwd": 1, "lin": 1}
-# Inference forward with the projection folded into V and H_tot (V' = V Wp^T from the totals pass,
-# no projection matmul in the linear kernel's epilogue). Off until a GPU run measures it (NOTES_sla.md).
-FOLD_PROJ = False
-# Linear-part kernel, subtract mode: start the sums from phi(Q) H_tot before the loops and subtract
-# the blocks in place (no H_tot products in the epilogue). Off until a GPU run measures it.
+# Inference options of the split forward, the fastest in the v4 sweep (H200, Wan2.1-1.3B, 95%:
+# NOTES_sla.md): the projection folded into V and H_tot (V' = V Wp^T from the totals pass, no
+# projection matmul in the linear kernel's epilogue) and phi(Q) read rather than computed in the
+# kernels (which costs registers: 255 with spills). PRELOAD_TOTALS starts the linear-part sums from
+# phi(Q) H_tot and subtracts the blocks in place: within 1% either way, off.
+FOLD_PROJ = True
 PRELOAD_TOTALS = False
-# Inference forward: phi(Q) computed in the kernels from the Q tile (no phi(Q) tensor; costs registers).
-PHI_IN_KERNEL = True
+PHI_IN_KERNEL = False
+# Inference forward: one Triton pass over each of Q and K gives the pooled blocks of the plan and phi
+# (was a torch softmax and a torch mean over each tensor).
+PHI_POOL_PASS = True
 # The plan pass sorts a whole row of key-block scores in one program; longer rows use torch.topk.
 MAX_PLAN_KEY_BLOCKS = 4096
 
@@ -780,12 +806,25 @@ def sla_totals(kphi: torch.Tensor, v: torch.Tensor, wpt: torch.Tensor | None = N
         vp = torch.empty_like(v)
     else:
         whl = vp = _empty(v, v.dtype)
-    _launch(_sla_totals_kernel, (chunks, bh), "tot", block_n, d, kphi.dtype,
+    _launch(_sla_totals_kernel, (chunks, bh), "totp" if proj_v else "tot", block_n, d, kphi.dtype,
             kphi, v, hpart, zpart, _non_empty(whl), _non_empty(vp), lk, d, chunk_tiles, BLOCK_N=block_n,
             PROJ_V=proj_v)
     if proj_v:
         return hpart.sum(1), zpart.sum(1), vp
     return hpart.sum(1), zpart.sum(1)
+
+
+def sla_phi_pool(x: torch.Tensor, block: int, phi: int, write_phi: bool = True):
+    """(phi(x) in x's dtype or None, block means [BH, ceil(L/block), D] fp32) of x [BH, L, D] in one
+    pass; ``phi`` 1/2/3 = softmax/elu+1/relu over the head dim."""
+    bh, length, d = x.shape
+    blocks = -(-length // block)
+    pooled = torch.empty(bh, blocks, d, device=x.device, dtype=torch.float32)
+    out = torch.empty_like(x) if write_phi else _empty(x, x.dtype)
+    _sla_phi_pool_kernel[(blocks, bh)](x, _non_empty(out), pooled, length, d, BLOCK_N=block,
+                                       BLOCK_D=max(16, triton.next_power_of_2(d)), PHI=phi, WRITE_PHI=write_phi,
+                                       num_warps=4)
+    return (out if write_phi else None), pooled
 
 
 def column_lut(lut: torch.Tensor, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,3 +250,49 @@ def test_preloaded_totals_fp32_match_fp64_reference(case, monkeypatch):
     got, ref = _fp32_kernel_and_fp64_reference(cfg, plan, q, k, v)
     for name, a, b in zip(("o_s", "o_l", "dq", "dk", "dv"), got, ref):
         assert rel_l2(a, b) < TOLERANCES["kernel_fp32_fwd"], f"{case} {name}: {rel_l2(a, b):.3e}"
+
+
+@pytest.mark.parametrize("phi", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("block", [16, 64])
+def test_phi_pool_pass_equals_torch(phi, block):
+    """The inference forward's pass over Q or K: phi(x) in x's dtype (as the torch feature map rounds
+    it) and the fp32 block means of pool_blocks, the last block ragged."""
+    from fewer.attention.sla.ops import PHI_CODES, _feature_map_lowp
+    from fewer.attention.sla.reference import pool_blocks
+    x = (torch.randn(2, 150, 40, device=DEVICE) * 2).to(torch.bfloat16)
+    out, pooled = sla_triton.sla_phi_pool(x, block, PHI_CODES[phi])
+    expected = _feature_map_lowp(x, phi).float()
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert ((out.float() - expected).abs() <= 2 ** -7 * expected.abs() + 1e-30).all()  # one bf16 ulp
+    assert pooled.shape == (2, -(-150 // block), 40)
+    assert rel_l2(pooled.double(), pool_blocks(x, block).double()) < 1e-6
+    assert sla_triton.sla_phi_pool(x, block, PHI_CODES[phi], write_phi=False)[0] is None
+
+
+@pytest.mark.parametrize("fold,phi_in_kernel", [(False, True), (True, False)])
+def test_inference_forward_with_phi_pool_pass(fold, phi_in_kernel, monkeypatch):
+    """The inference call takes the plan's pooled blocks and phi from the phi/pool pass (checked: it
+    runs), picks the reference plan, and stays within the half-precision budget (bf16, 64-token blocks,
+    smooth-K, ragged lengths)."""
+    monkeypatch.setattr(sla_triton, "FOLD_PROJ", fold)
+    monkeypatch.setattr(sla_triton, "PHI_IN_KERNEL", phi_in_kernel)
+    calls = []
+    phi_pool = sla_triton.sla_phi_pool
+    monkeypatch.setattr(sla_triton, "sla_phi_pool", lambda *a: calls.append(a[2:]) or phi_pool(*a))
+    cfg = SLAConfig(block_q=64, block_k=64, topk=0.2, negligible=0.2, smooth_k=True, backend="triton")
+    q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE).to(torch.bfloat16) for n in (130, 300, 300))
+    attn = SparseLinearAttention(32, cfg).to(DEVICE)
+    torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    torch.nn.init.normal_(attn.proj.bias, std=0.1)
+    from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
+    with torch.no_grad():
+        got = attn(q, k, v)
+        assert calls == [(1, not phi_in_kernel), (1, True)]
+        assert all(torch.equal(a, b) for a, b in zip(attn.last_plan, plan_blocks(q, k, cfg)))
+        w, b = attn.proj.weight, attn.proj.bias
+        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=attn.last_plan,
+                         compute_dtype=torch.float64)
+        half = full_ref(q, k, v, cfg, w, b, plan=attn.last_plan, compute_dtype=torch.bfloat16)
+    assert torch.isfinite(got).all()
+    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
+    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"

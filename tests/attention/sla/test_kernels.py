@@ -31,6 +31,30 @@ def _inputs(case, dtype):
     return cfg, q, k, v, mode
 
 
+def _module_with_random_proj(d: int, cfg: SLAConfig) -> SparseLinearAttention:
+    attn = SparseLinearAttention(d, cfg).to(DEVICE)
+    torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    torch.nn.init.normal_(attn.proj.bias, std=0.1)
+    return attn
+
+
+def _assert_inference_within_budget(attn, cfg, q, k, v, dtype, after_forward=None):
+    """The module's inference call in ``dtype``: error vs fp64 at most the budget times that of the
+    reference module run in the same dtype (same plan). ``after_forward`` checks the module's state."""
+    from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
+    with torch.no_grad():
+        got = attn(q, k, v)
+        if after_forward is not None:
+            after_forward()
+        plan, w, b = attn.last_plan, attn.proj.weight, attn.proj.bias
+        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=plan,
+                         compute_dtype=torch.float64)
+        half = full_ref(q, k, v, cfg, w, b, plan=plan, compute_dtype=dtype)
+    assert torch.isfinite(got).all()
+    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
+    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+
+
 def _grads(fn, q, k, v, g_s, g_l, dtype):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     o_s, o_l = fn(*leaves)
@@ -183,22 +207,7 @@ def test_half_precision_inference_forward_within_budget(case, dtype, split_forwa
     bf16 hi + lo) in half precision: error vs fp64 at most 2x that of the reference module run in
     the same dtype."""
     cfg, q, k, v, _ = _inputs(case, dtype)
-    attn = SparseLinearAttention(q.shape[-1], cfg).to(DEVICE)
-    torch.nn.init.normal_(attn.proj.weight, std=0.3)
-    torch.nn.init.normal_(attn.proj.bias, std=0.1)
-    ref = SparseLinearAttention(q.shape[-1], cfg.replace(backend="reference")).to(DEVICE)
-    ref.load_state_dict(attn.state_dict())
-    with torch.no_grad():
-        got = attn(q, k, v)
-        plan = attn.last_plan
-        from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
-        w, b = attn.proj.weight, attn.proj.bias
-        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=plan,
-                         compute_dtype=torch.float64)
-        half = full_ref(q, k, v, cfg, w, b, plan=plan, compute_dtype=dtype)
-    assert torch.isfinite(got).all()
-    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
-    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+    _assert_inference_within_budget(_module_with_random_proj(q.shape[-1], cfg), cfg, q, k, v, dtype)
 
 
 @pytest.mark.parametrize("fold,pre,phi_in_kernel", [(True, False, True), (False, True, True), (True, True, False)])
@@ -212,19 +221,7 @@ def test_folded_projection_inference_within_budget(fold, pre, phi_in_kernel, mon
     monkeypatch.setattr(sla_triton, "PRELOAD_TOTALS", pre)
     monkeypatch.setattr(sla_triton, "PHI_IN_KERNEL", phi_in_kernel)
     cfg, q, k, v, _ = _inputs(case, torch.bfloat16)
-    attn = SparseLinearAttention(q.shape[-1], cfg).to(DEVICE)
-    torch.nn.init.normal_(attn.proj.weight, std=0.3)
-    torch.nn.init.normal_(attn.proj.bias, std=0.1)
-    from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
-    with torch.no_grad():
-        got = attn(q, k, v)
-        w, b = attn.proj.weight, attn.proj.bias
-        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=attn.last_plan,
-                         compute_dtype=torch.float64)
-        half = full_ref(q, k, v, cfg, w, b, plan=attn.last_plan, compute_dtype=torch.bfloat16)
-    assert torch.isfinite(got).all()
-    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
-    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+    _assert_inference_within_budget(_module_with_random_proj(q.shape[-1], cfg), cfg, q, k, v, torch.bfloat16)
 
 
 def test_totals_pass_with_projected_values():
@@ -281,18 +278,9 @@ def test_inference_forward_with_phi_pool_pass(fold, phi_in_kernel, monkeypatch):
     monkeypatch.setattr(sla_triton, "sla_phi_pool", lambda *a: calls.append(a[2:]) or phi_pool(*a))
     cfg = SLAConfig(block_q=64, block_k=64, topk=0.2, negligible=0.2, smooth_k=True, backend="triton")
     q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE).to(torch.bfloat16) for n in (130, 300, 300))
-    attn = SparseLinearAttention(32, cfg).to(DEVICE)
-    torch.nn.init.normal_(attn.proj.weight, std=0.3)
-    torch.nn.init.normal_(attn.proj.bias, std=0.1)
-    from fewer.attention.sla.reference import sparse_linear_attention_reference as full_ref
-    with torch.no_grad():
-        got = attn(q, k, v)
+    attn = _module_with_random_proj(32, cfg)
+
+    def uses_pass_and_reference_plan():
         assert calls == [(1, not phi_in_kernel), (1, True)]
         assert all(torch.equal(a, b) for a, b in zip(attn.last_plan, plan_blocks(q, k, cfg)))
-        w, b = attn.proj.weight, attn.proj.bias
-        exact = full_ref(q.double(), k.double(), v.double(), cfg, w.double(), b.double(), plan=attn.last_plan,
-                         compute_dtype=torch.float64)
-        half = full_ref(q, k, v, cfg, w, b, plan=attn.last_plan, compute_dtype=torch.bfloat16)
-    assert torch.isfinite(got).all()
-    budget = TOLERANCES["kernel_lowp_fwd_ratio"]
-    assert rel_l2(got, exact) <= budget * rel_l2(half, exact), f"{rel_l2(got, exact):.2e} vs {rel_l2(half, exact):.2e}"
+    _assert_inference_within_budget(attn, cfg, q, k, v, torch.bfloat16, uses_pass_and_reference_plan)

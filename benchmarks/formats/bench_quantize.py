@@ -142,9 +142,9 @@ def graph_ms(fn, calls: int = GRAPH_CALLS, reps: int = 15) -> float:
     return times[len(times) // 2]
 
 
-def auto_prefetch(BM: int, BK: int, warps: int) -> bool:
-    """The kernel's automatic register-prefetch choice (triton_kernels.kernel_meta)."""
-    return BM * BK // (warps * 32) < 128
+def auto_prefetch(name: str, rounding: str) -> bool:
+    """The kernel's default register-prefetch choice (triton_kernels.default_prefetch)."""
+    return triton_kernels.default_prefetch(get_spec(name), rounding)
 
 
 def resident_programs(n_regs, warps: int) -> int:
@@ -187,7 +187,7 @@ def _compile_worker(cfgs) -> list[str]:
     for name, rounding, BM, BK, warps, vec, rowwise, colwise, hw_cvt, *extra in cfgs:
         triton_kernels.HW_ELEMENT_CVT = hw_cvt
         scale_rounding = extra[0] if extra else None
-        triton_kernels.PREFETCH = (not auto_prefetch(BM, BK, warps)) if extra[1:] == ["flip"] else None
+        triton_kernels.PREFETCH = (not auto_prefetch(name, rounding)) if extra[1:] == ["flip"] else None
         try:
             fused_quantize(x, name, rounding=rounding, seed=3 if rounding == "stochastic" else None, tile=(BM, BK),
                            num_warps=warps, vec=vec, rowwise=rowwise, colwise=colwise, scale_rounding=scale_rounding)
@@ -236,7 +236,7 @@ def bench_shape(label: str, M: int, K: int, copy_gbs: float, tune: bool, chosen:
                     continue
                 # persistent grid with as many programs as fit on an SM at once, or one program per tile; and the
                 # register prefetch of the next tile as the kernel picks it, or flipped (v4)
-                auto = auto_prefetch(BM, BK, warps)
+                auto = auto_prefetch(name, rounding)
                 modes = [per_sm] if per_sm is not None else [
                     (resident_programs(stats["n_regs"], warps), auto), (1 << 20, auto), (None, not auto)]
                 for psm, pf in modes:

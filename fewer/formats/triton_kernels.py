@@ -37,9 +37,17 @@ _SCALE_ROUND_CODE = {"exact": 0, "nearest": 0, "floor": 0, "up": 1, "headroom": 
 # FP8 RTN element codes through the hardware cvt (sm_89+), as explicit cvt.rn.satfinite PTX in both directions (v4;
 # v3 used Triton's fp8 cast for rows, which gave wrong codes with vec = 8 on an H200). False: arithmetic everywhere.
 HW_ELEMENT_CVT = True
-# Register prefetch of the next tile in the persistent loop: None = automatic (off where a thread holds 128 or more
-# elements of a tile: there the second tile's registers made ptxas spill, v4), True / False = forced (benchmarks).
+# Register prefetch of the next tile in the persistent loop: None = the default (default_prefetch), True / False =
+# forced (the benchmark's sweep).
 PREFETCH = None
+
+
+def default_prefetch(spec: FormatSpec, rounding: str) -> bool:
+    """Off for NVFP4 RTN with a per-tensor or 1x128 second level, on elsewhere: the v4 sweep on an H200 timed both
+    for every tile (benchmarks/results/nvidia-h200/formats_quantize_tiles_v4b.csv). Without it NVFP4 RTN needs 166
+    instead of 215 registers (3 programs per SM instead of 2) and ran 6 % faster (nvfp4_double 5 %); INT8 / FP8 1x128
+    ran 1-7 % slower without it even though the prefetch makes ptxas spill 40-44 bytes there."""
+    return not (rounding == "nearest" and spec.name in ("nvfp4", "nvfp4_double"))
 LAST_COMPILED = None     # the last launched compiled kernel (benchmarks read n_regs / n_spills off it)
 FUSED_FORMATS = ("int8_block1d", "fp8_e4m3_block", "fp8_e5m2_block", "nvfp4", "nvfp4_2d", "nvfp4_double",
                  "mxfp4", "mxfp8", "mxfp8_e5m2")
@@ -258,7 +266,7 @@ def kernel_meta(spec: FormatSpec, block: int, BM: int, BK: int, vec: int, warps:
     """The kernel's compile-time arguments (also used by benchmarks/formats/sass_count.py offline)."""
     element, kind = spec.element, _scale_kind(spec)
     hw_elem = hw and HW_ELEMENT_CVT           # FP8 RTN codes through explicit cvt PTX, both directions, any vec
-    prefetch = PREFETCH if PREFETCH is not None else BM * BK // (warps * 32) < 128
+    prefetch = PREFETCH if PREFETCH is not None else default_prefetch(spec, rounding)
     return dict(BM=BM, BK=BK, BLOCK=block, RPT=ROWS_PER_THREAD, VEC=vec, MANT=element.mantissa_bits or 0,
                 BIAS=0 if element.is_integer else 1 - element.min_exponent,
                 INTEGER=element.is_integer, PACK=element is E2M1, SIGN_SHIFT=3 if element is E2M1 else 7,

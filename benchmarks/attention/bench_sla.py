@@ -416,6 +416,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--no-tune", action="store_true", help="keep the kernels' default configs (no sweep)")
     parser.add_argument("--ncu-forward", action="store_true", help="only one forward per preset (for ncu)")
     parser.add_argument("--ptxas", action="store_true", help="no GPU needed: registers/spills of kernel variants")
     args = parser.parse_args(argv)
@@ -435,10 +436,11 @@ def main(argv=None) -> int:
         check_correctness(check_rows)
         bench.print_table(check_rows)
         print("csv:", bench.write_csv(check_rows, "attention", "sla_check"))
-    tuning: list = []
-    tune(tuning)
-    bench.print_table(tuning)
-    print("csv:", bench.write_csv(tuning, "attention", "sla_tuning"))
+    if not args.no_tune:
+        tuning: list = []
+        tune(tuning)
+        bench.print_table(tuning)
+        print("csv:", bench.write_csv(tuning, "attention", "sla_tuning"))
     rows: list = []
     breakdown: list = []
     shapes = [s for s in SHAPES if s[0] == "wan2.1-1.3b"] if args.quick else SHAPES

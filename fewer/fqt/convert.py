@@ -71,7 +71,7 @@ def convert_for_training(model: nn.Module, recipe: Recipe | str, **overrides: An
     converted: dict[str, QuantLinear] = {}
     kept: dict[str, str] = {}
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    index = 0
+    plan: list[tuple[str, nn.Linear]] = []
     for name, module in targets:
         pattern = next((p for p in recipe.keep_bf16 if fnmatch.fnmatchcase(name, p)), None)
         if pattern is not None:
@@ -87,8 +87,10 @@ def convert_for_training(model: nn.Module, recipe: Recipe | str, **overrides: An
                 raise ValueError(reason)
             kept[name] = reason
             continue
+        plan.append((name, module))
+    # every check passed: now swap (a failing conversion leaves the model untouched)
+    for index, (name, module) in enumerate(plan):
         new = QuantLinear.from_linear(module, recipe, fqt_seed=layer_seed(recipe.seed, index), name=name)
-        index += 1
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import can_run_triton
 from ..formats import (fake_quantize, inverse_random_hadamard_transform, random_hadamard_transform, random_signs,
                        stream_key)
 from .recipe import GEMMS, HADAMARD_BLOCK, ROLES, Recipe, RoleConfig, get_recipe
@@ -67,19 +68,47 @@ def hadamard_signs(recipe: Recipe, seed: int, gemm: str) -> torch.Tensor:
 
 
 def quantize_operand(x: torch.Tensor, rc: RoleConfig, dim: int, *, seed: Optional[int] = None,
-                     stream: int = 0, rounding: Optional[str] = None) -> torch.Tensor:
-    """Fake-quantize (quantize, dequantize) ``x`` along ``dim`` as role ``rc`` says; fp32 out.
+                     stream: int = 0, rounding: Optional[str] = None, backend: str = "torch") -> torch.Tensor:
+    """Fake-quantize (quantize, dequantize) 2-D ``x`` along ``dim`` as role ``rc`` says; fp32 out.
 
     ``rc.format == "bf16"`` returns x unchanged (in fp32). The Hadamard transform is not applied here.
+    backend: "torch" (fewer.formats.quantize), "triton" (fewer.formats.fused_quantize: the row-wise operand
+    for dim=-1, the column-wise one for dim=0, rows zero-padded at the end where the kernel needs it, which
+    leaves every element's SR stream index unchanged) or "auto" (triton on CUDA when it can run).
     """
     x = x.float()
     if not rc.quantized:
         return x
     rounding = rc.rounding if rounding is None else rounding
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and can_run_triton(x.device).ok else "torch"
+    if backend == "triton":
+        return _fused_fake_quantize(x, rc, dim, rounding, seed, stream)
     kwargs = dict(dim=dim, rounding=rounding, scale_rounding=rc.formats_scale_rounding, check_finite=False)
     if rounding == "stochastic":
         kwargs.update(seed=int(seed), stream=int(stream))
     return fake_quantize(x, rc.spec_name, **kwargs).float()
+
+
+def _fused_fake_quantize(x: torch.Tensor, rc: RoleConfig, dim: int, rounding: str, seed: Optional[int],
+                         stream: int) -> torch.Tensor:
+    from ..formats import fused_quantize, get_spec
+
+    if x.dim() != 2:
+        raise ValueError(f"the triton backend quantizes 2-D operands, got shape {tuple(x.shape)}")
+    spec = get_spec(rc.spec_name)
+    need = 128 if spec.second_level == "outer128" else spec.block_shape[1]
+    dim = dim % 2
+    rows = x.shape[0]
+    if dim == 1:
+        x = _pad_dim(x, need, 0)            # extra rows at the end: the flat index of every element is kept
+    kwargs = dict(rowwise=dim == 1, colwise=dim == 0, rounding=rounding, scale_rounding=rc.formats_scale_rounding,
+                  streams=(int(stream), int(stream)))
+    if rounding == "stochastic":
+        kwargs["seed"] = int(seed)
+    row, col = fused_quantize(x.contiguous(), spec, **kwargs)
+    out = (row if dim == 1 else col).dequantize(torch.float32)
+    return out[:rows]
 
 
 def _pad_dim(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
@@ -132,8 +161,8 @@ def forward_operands(x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> tupl
     r = cc.recipe
     signs = cc.signs("fprop")
     if cc.fp8_channels is None:
-        xq = quantize_operand(_rht(x, signs, -1), r.x, -1, seed=cc.seed, stream=ROLE_STREAMS["x"])
-        wq = quantize_operand(_rht(w, signs, -1), r.w, -1, seed=cc.seed, stream=ROLE_STREAMS["w"])
+        xq = quantize_operand(_rht(x, signs, -1), r.x, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["x"])
+        wq = quantize_operand(_rht(w, signs, -1), r.w, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w"])
         if signs is not None:
             xq = inverse_random_hadamard_transform(xq, signs, block=HADAMARD_BLOCK, dim=-1)
             wq = inverse_random_hadamard_transform(wq, signs, block=HADAMARD_BLOCK, dim=-1)
@@ -146,11 +175,11 @@ def forward_operands(x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> tupl
     w4 = _pad_dim(w[:, i4], m, 1)
     if signs is not None:
         raise NotImplementedError("OutControl with a Hadamard transform on the forward GEMM is not implemented")
-    x4 = quantize_operand(x4, r.x, -1, seed=cc.seed, stream=ROLE_STREAMS["x"])[:, :k4]
-    w4 = quantize_operand(w4, r.w, -1, seed=cc.seed, stream=ROLE_STREAMS["w"])[:, :k4]
+    x4 = quantize_operand(x4, r.x, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["x"])[:, :k4]
+    w4 = quantize_operand(w4, r.w, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w"])[:, :k4]
     fp8 = RoleConfig(format=oc.fp8_format, rounding=oc.fp8_rounding)
-    x8 = quantize_operand(x[:, i8], fp8, -1, seed=cc.seed, stream=FP8_STREAMS["x"])
-    w8 = quantize_operand(w[:, i8], fp8, -1, seed=cc.seed, stream=FP8_STREAMS["w"])
+    x8 = quantize_operand(x[:, i8], fp8, -1, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["x"])
+    w8 = quantize_operand(w[:, i8], fp8, -1, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["w"])
     xq = torch.empty_like(x, dtype=torch.float32)
     wq = torch.empty_like(w, dtype=torch.float32)
     xq[:, i4], xq[:, i8] = x4, x8
@@ -204,8 +233,8 @@ def dgrad(dy: torch.Tensor, w_src: torch.Tensor, cc: _CallContext) -> torch.Tens
     """dX = Q(dY H) Q(H^T W_src): both operands quantized along N (out_features)."""
     r = cc.recipe
     signs = cc.signs("dgrad")
-    a = quantize_operand(_rht(dy, signs, -1), r.dy_dgrad, -1, seed=cc.seed, stream=ROLE_STREAMS["dy_dgrad"])
-    b = quantize_operand(_rht(w_src, signs, 0), r.w_dgrad, 0, seed=cc.seed, stream=ROLE_STREAMS["w_dgrad"])
+    a = quantize_operand(_rht(dy, signs, -1), r.dy_dgrad, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["dy_dgrad"])
+    b = quantize_operand(_rht(w_src, signs, 0), r.w_dgrad, 0, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w_dgrad"])
     return a @ b
 
 
@@ -216,21 +245,23 @@ def wgrad(dy: torch.Tensor, x_src: torch.Tensor, xq: torch.Tensor, cc: _CallCont
     t = dy.shape[0]
     pad = TOKEN_PAD if t % TOKEN_PAD else 1
     dy_p = _pad_dim(dy, pad, 0)
-    a = quantize_operand(_rht(dy_p, signs, 0), r.dy_wgrad, 0, seed=cc.seed, stream=ROLE_STREAMS["dy_wgrad"])
+    a = quantize_operand(_rht(dy_p, signs, 0), r.dy_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["dy_wgrad"])
     if cc.fp8_channels is None:
-        b = quantize_operand(_rht(_pad_dim(x_src, pad, 0), signs, 0), r.x_wgrad, 0, seed=cc.seed,
+        b = quantize_operand(_rht(_pad_dim(x_src, pad, 0), signs, 0), r.x_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend,
                              stream=ROLE_STREAMS["x_wgrad"])
         return a.t() @ b
     # OutControl: FP4 columns as the recipe says; MXFP8 columns without Hadamard, from the forward FP8 X
     oc = r.outcontrol
     i4, i8 = cc.fp4_channels, cc.fp8_channels
-    b4 = quantize_operand(_rht(_pad_dim(x_src[:, i4], pad, 0), signs, 0), r.x_wgrad, 0, seed=cc.seed,
-                          stream=ROLE_STREAMS["x_wgrad"])
+    k4 = i4.numel()
+    x4 = _pad_dim(_pad_dim(x_src[:, i4], pad, 0), max(r.x.block_multiple, r.w.block_multiple), 1)   # as in forward
+    b4 = quantize_operand(_rht(x4, signs, 0), r.x_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend,
+                          stream=ROLE_STREAMS["x_wgrad"])[:, :k4]
     fp8 = RoleConfig(format=oc.fp8_format, rounding=oc.fp8_rounding)
     pad8 = TOKEN_PAD if t % 32 else 1
     x8_src = xq[:, i8] if r.x_wgrad.source == "forward" else x_src[:, i8]
-    a8 = quantize_operand(_pad_dim(dy, pad8, 0), fp8, 0, seed=cc.seed, stream=FP8_STREAMS["dy_wgrad"])
-    b8 = quantize_operand(_pad_dim(x8_src, pad8, 0), fp8, 0, seed=cc.seed, stream=FP8_STREAMS["x_wgrad"])
+    a8 = quantize_operand(_pad_dim(dy, pad8, 0), fp8, 0, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["dy_wgrad"])
+    b8 = quantize_operand(_pad_dim(x8_src, pad8, 0), fp8, 0, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["x_wgrad"])
     dw = dy.new_empty((dy.shape[1], x_src.shape[1]))
     dw[:, i4] = a.t() @ b4
     dw[:, i8] = a8.t() @ b8
@@ -323,7 +354,7 @@ class QuantLinear(nn.Linear):
             return w
         x_dummy = torch.zeros(1, self.in_features, device=w.device)
         if cc.fp8_channels is None and cc.signs("fprop") is None:
-            return quantize_operand(w, self.recipe.w, -1, rounding="nearest")
+            return quantize_operand(w, self.recipe.w, -1, rounding="nearest", backend=self.recipe.backend)
         return forward_operands(x_dummy, w, cc)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

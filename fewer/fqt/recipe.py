@@ -267,6 +267,9 @@ class Recipe(Config):
     unaligned: a layer whose in/out features are not a multiple of what its roles need: ``error``
       (ValueError naming the layer) or ``keep_bf16`` (left as nn.Linear, listed in the report).
     seed: the root of every SR stream and Hadamard sign vector (per layer, per call, per role).
+    backend: the quantizers: ``torch`` (the fewer.formats reference), ``triton`` (the fused kernels of
+      fewer.formats: CUDA, or CPU under TRITON_INTERPRET=1; the same values bit for bit), ``auto``
+      (triton on CUDA tensors when Triton can run, else torch).
     """
 
     label: str = "custom"
@@ -281,6 +284,7 @@ class Recipe(Config):
     hadamard_signs: str = "per_call"
     unaligned: str = "error"
     seed: int = 0
+    backend: str = "auto"
     outcontrol: OutControlConfig = OutControlConfig()
     oscireset: OsciResetConfig = OsciResetConfig()
 
@@ -298,6 +302,7 @@ class Recipe(Config):
         check_range(self, "bf16_last_fraction", 0.0, 1.0)
         check_choice(self, "hadamard_signs", ("per_call", "fixed"))
         check_choice(self, "unaligned", ("error", "keep_bf16"))
+        check_choice(self, "backend", ("auto", "torch", "triton"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"Recipe.seed={self.seed!r} is not allowed: expected an integer >= 0")
         for gemm, (a, b) in GEMMS.items():

@@ -143,6 +143,10 @@ class _CallContext:
     fp8_channels: Optional[torch.Tensor] = None     # OutControl: input channels in MXFP8 (sorted), or None
     fp4_channels: Optional[torch.Tensor] = None
 
+    def q(self, x: torch.Tensor, rc: RoleConfig, dim: int, stream: int) -> torch.Tensor:
+        """quantize_operand with this call's seed and the recipe's backend."""
+        return quantize_operand(x, rc, dim, seed=self.seed, stream=stream, backend=self.recipe.backend)
+
     def signs(self, gemm: str) -> Optional[torch.Tensor]:
         a, _ = GEMMS[gemm]
         if not getattr(self.recipe, a).hadamard:
@@ -161,8 +165,8 @@ def forward_operands(x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> tupl
     r = cc.recipe
     signs = cc.signs("fprop")
     if cc.fp8_channels is None:
-        xq = quantize_operand(_rht(x, signs, -1), r.x, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["x"])
-        wq = quantize_operand(_rht(w, signs, -1), r.w, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w"])
+        xq = cc.q(_rht(x, signs, -1), r.x, -1, ROLE_STREAMS["x"])
+        wq = cc.q(_rht(w, signs, -1), r.w, -1, ROLE_STREAMS["w"])
         if signs is not None:
             xq = inverse_random_hadamard_transform(xq, signs, block=HADAMARD_BLOCK, dim=-1)
             wq = inverse_random_hadamard_transform(wq, signs, block=HADAMARD_BLOCK, dim=-1)
@@ -175,11 +179,11 @@ def forward_operands(x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> tupl
     w4 = _pad_dim(w[:, i4], m, 1)
     if signs is not None:
         raise NotImplementedError("OutControl with a Hadamard transform on the forward GEMM is not implemented")
-    x4 = quantize_operand(x4, r.x, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["x"])[:, :k4]
-    w4 = quantize_operand(w4, r.w, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w"])[:, :k4]
+    x4 = cc.q(x4, r.x, -1, ROLE_STREAMS["x"])[:, :k4]
+    w4 = cc.q(w4, r.w, -1, ROLE_STREAMS["w"])[:, :k4]
     fp8 = RoleConfig(format=oc.fp8_format, rounding=oc.fp8_rounding)
-    x8 = quantize_operand(x[:, i8], fp8, -1, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["x"])
-    w8 = quantize_operand(w[:, i8], fp8, -1, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["w"])
+    x8 = cc.q(x[:, i8], fp8, -1, FP8_STREAMS["x"])
+    w8 = cc.q(w[:, i8], fp8, -1, FP8_STREAMS["w"])
     xq = torch.empty_like(x, dtype=torch.float32)
     wq = torch.empty_like(w, dtype=torch.float32)
     xq[:, i4], xq[:, i8] = x4, x8
@@ -233,8 +237,8 @@ def dgrad(dy: torch.Tensor, w_src: torch.Tensor, cc: _CallContext) -> torch.Tens
     """dX = Q(dY H) Q(H^T W_src): both operands quantized along N (out_features)."""
     r = cc.recipe
     signs = cc.signs("dgrad")
-    a = quantize_operand(_rht(dy, signs, -1), r.dy_dgrad, -1, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["dy_dgrad"])
-    b = quantize_operand(_rht(w_src, signs, 0), r.w_dgrad, 0, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["w_dgrad"])
+    a = cc.q(_rht(dy, signs, -1), r.dy_dgrad, -1, ROLE_STREAMS["dy_dgrad"])
+    b = cc.q(_rht(w_src, signs, 0), r.w_dgrad, 0, ROLE_STREAMS["w_dgrad"])
     return a @ b
 
 
@@ -245,23 +249,21 @@ def wgrad(dy: torch.Tensor, x_src: torch.Tensor, xq: torch.Tensor, cc: _CallCont
     t = dy.shape[0]
     pad = TOKEN_PAD if t % TOKEN_PAD else 1
     dy_p = _pad_dim(dy, pad, 0)
-    a = quantize_operand(_rht(dy_p, signs, 0), r.dy_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend, stream=ROLE_STREAMS["dy_wgrad"])
+    a = cc.q(_rht(dy_p, signs, 0), r.dy_wgrad, 0, ROLE_STREAMS["dy_wgrad"])
     if cc.fp8_channels is None:
-        b = quantize_operand(_rht(_pad_dim(x_src, pad, 0), signs, 0), r.x_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend,
-                             stream=ROLE_STREAMS["x_wgrad"])
+        b = cc.q(_rht(_pad_dim(x_src, pad, 0), signs, 0), r.x_wgrad, 0, ROLE_STREAMS["x_wgrad"])
         return a.t() @ b
     # OutControl: FP4 columns as the recipe says; MXFP8 columns without Hadamard, from the forward FP8 X
     oc = r.outcontrol
     i4, i8 = cc.fp4_channels, cc.fp8_channels
     k4 = i4.numel()
     x4 = _pad_dim(_pad_dim(x_src[:, i4], pad, 0), max(r.x.block_multiple, r.w.block_multiple), 1)   # as in forward
-    b4 = quantize_operand(_rht(x4, signs, 0), r.x_wgrad, 0, seed=cc.seed, backend=cc.recipe.backend,
-                          stream=ROLE_STREAMS["x_wgrad"])[:, :k4]
+    b4 = cc.q(_rht(x4, signs, 0), r.x_wgrad, 0, ROLE_STREAMS["x_wgrad"])[:, :k4]
     fp8 = RoleConfig(format=oc.fp8_format, rounding=oc.fp8_rounding)
     pad8 = TOKEN_PAD if t % 32 else 1
     x8_src = xq[:, i8] if r.x_wgrad.source == "forward" else x_src[:, i8]
-    a8 = quantize_operand(_pad_dim(dy, pad8, 0), fp8, 0, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["dy_wgrad"])
-    b8 = quantize_operand(_pad_dim(x8_src, pad8, 0), fp8, 0, seed=cc.seed, backend=cc.recipe.backend, stream=FP8_STREAMS["x_wgrad"])
+    a8 = cc.q(_pad_dim(dy, pad8, 0), fp8, 0, FP8_STREAMS["dy_wgrad"])
+    b8 = cc.q(_pad_dim(x8_src, pad8, 0), fp8, 0, FP8_STREAMS["x_wgrad"])
     dw = dy.new_empty((dy.shape[1], x_src.shape[1]))
     dw[:, i4] = a.t() @ b4
     dw[:, i8] = a8.t() @ b8
@@ -315,7 +317,8 @@ class QuantLinear(nn.Linear):
         self.outcontrol_recording = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, *, fqt_seed: int = 0, name: str = "") -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, *, fqt_seed: int = 0,
+                    name: str = "") -> "QuantLinear":
         """Wrap an existing nn.Linear's parameters (the same Parameter objects, so optimizers keep them)."""
         recipe = get_recipe(recipe)
         reason = check_features(recipe, linear.in_features, linear.out_features, name)

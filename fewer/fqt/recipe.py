@@ -102,7 +102,8 @@ class RoleConfig(Config):
         # shorthands -> the canonical (format, block, second_level) triple
         if self.format == "nvfp4_2d":
             if self.block not in ("1d", "16x16"):
-                raise ConfigError(f"RoleConfig.format='nvfp4_2d' means 16x16 blocks; block={self.block!r} contradicts it")
+                raise ConfigError(f"RoleConfig.format='nvfp4_2d' means 16x16 blocks; block={self.block!r} "
+                                  "contradicts it")
             object.__setattr__(self, "format", "nvfp4")
             object.__setattr__(self, "block", "16x16")
         elif self.format == "nvfp4_double":
@@ -332,7 +333,10 @@ class Recipe(Config):
         return {r: getattr(self, r) for r in ROLES}
 
     def with_roles(self, roles: tuple[str, ...] | str = ROLES, **changes) -> "Recipe":
-        """A copy with ``changes`` applied to the given roles, e.g. ``r.with_roles(("dy_dgrad",), rounding="nearest")``."""
+        """A copy with ``changes`` applied to the given roles.
+
+        Example: ``r.with_roles(("dy_dgrad",), rounding="nearest")``.
+        """
         roles = (roles,) if isinstance(roles, str) else tuple(roles)
         unknown = [r for r in roles if r not in ROLES]
         if unknown:
@@ -375,8 +379,9 @@ _TETRAJET = dict(
     dy_dgrad=_nvfp4(**_TJ_BWD), w_dgrad=_nvfp4(**_TJ_BWD, source="forward"),
     dy_wgrad=_nvfp4(**_TJ_BWD), x_wgrad=_nvfp4(**_TJ_BWD, source="forward"),
     hadamard_signs="per_call")
-_TETRAJET_RELEASED = {k: (v.replace(scale_rounding="nearest") if isinstance(v, RoleConfig) and v.rounding == "stochastic"
-                          else v) for k, v in _TETRAJET.items()}
+_TETRAJET_RELEASED = {k: (v.replace(scale_rounding="nearest")
+                          if isinstance(v, RoleConfig) and v.rounding == "stochastic" else v)
+                      for k, v in _TETRAJET.items()}
 _OUTCONTROL = OutControlConfig(enabled=True)
 _OSCIRESET = OsciResetConfig(enabled=True)
 

@@ -89,6 +89,11 @@ def test_split_gemms_equal_explicit_reference():
     # dW of the outlier columns: MXFP8 dY^T and the forward MXFP8 X, no Hadamard
     rdw8 = fake_quantize(g, "mxfp8", dim=0).t() @ fake_quantize(x8, "mxfp8", dim=0)
     torch.testing.assert_close(layer.weight.grad[:, i8], rdw8, rtol=1e-6, atol=1e-4)
+    # dW of the other columns: NVFP4 with RHT and SR, on the forward FP4 X (gathered, padded to 128 columns)
+    a = fq(rht(g, recipe, seed, "wgrad", "dy_wgrad", 0), recipe.dy_wgrad, 0, seed, "dy_wgrad")
+    x4p = torch.cat([x4, x4.new_zeros(T, 256 - x4.shape[1])], 1)
+    b = fq(rht(x4p, recipe, seed, "wgrad", "x_wgrad", 0), recipe.x_wgrad, 0, seed, "x_wgrad")[:, :x4.shape[1]]
+    torch.testing.assert_close(layer.weight.grad[:, i4], a.t() @ b, rtol=1e-6, atol=1e-4)
     # dX stays NVFP4 throughout, on the combined forward-quantized W (FP4 and FP8 columns)
     wq = torch.empty_like(w)
     wq[:, i4], wq[:, i8] = w4, w8

@@ -11,7 +11,6 @@ controller (the training loop's callbacks run after each update, with ``state.st
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from torch import nn

@@ -50,9 +50,15 @@ GEMM_SIGN_STREAMS = {gemm: 100 + i for i, gemm in enumerate(GEMMS)}
 TOKEN_PAD = 128
 
 
-def call_seed(layer_seed: int, call: int) -> int:
-    """The seed of forward call ``call`` of a layer (31 bits)."""
-    return stream_key(int(layer_seed), int(call))
+def call_seed(layer_seed: int, call: int, rank: int = 0) -> int:
+    """The seed of forward call ``call`` of a layer (31 bits); data-parallel ranks draw their own numbers."""
+    seed = stream_key(int(layer_seed), int(call))
+    return seed if rank == 0 else stream_key(seed, 1_000 + int(rank))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def layer_seed(recipe_seed: int, index: int) -> int:
@@ -195,42 +201,47 @@ class QuantLinearFunction(torch.autograd.Function):
     """Y = Q(X) Q(W)^T with the dgrad / wgrad GEMMs on quantized operands (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> torch.Tensor:
+    def forward(ctx, x_in: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> torch.Tensor:
+        # x_in [..., K] is viewed as [T, K] here and Y reshaped back here, so that the layer returns the
+        # Function's own output (not a view of it: FSDP2 warns about views)
         ctx.cc = cc
+        ctx.x_shape = x_in.shape
+        x = x_in.reshape(-1, x_in.shape[-1])
+        out_shape = tuple(x_in.shape[:-1]) + (w.shape[0],)
         ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf, wf = x.float(), w.float()
             ctx.fallback = not (bool(torch.isfinite(xf).all()) and bool(torch.isfinite(wf).all()))
             if ctx.fallback:
                 cc.stats.nonfinite_forward += 1
-                ctx.save_for_backward(xf, wf, xf, wf)
-                return (xf @ wf.t()).to(x.dtype)
+                ctx.save_for_backward(xf, wf, xf)
+                return torch.matmul(xf.view(out_shape[:-1] + (-1,)), wf.t()).to(x.dtype)
             xq, wq = forward_operands(xf, wf, cc)
-            y = xq @ wq.t()
+            y = torch.matmul(xq.view(out_shape[:-1] + (-1,)), wq.t())   # a fresh [..., N] tensor, not a view
             r = cc.recipe
             x_src = xq if r.x_wgrad.source == "forward" else xf
             w_src = wq if r.w_dgrad.source == "forward" else wf
             # the raw X / W are kept only where a backward role needs them (OutControl's FP8 part reads
             # the forward FP8 values of X, which are in xq)
-            ctx.save_for_backward(x_src, w_src, xq, wq)
+            ctx.save_for_backward(x_src, w_src, xq)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cc: _CallContext = ctx.cc
-        r = cc.recipe
-        x_src, w_src, xq, wq = ctx.saved_tensors
+        x_src, w_src, xq = ctx.saved_tensors
         with torch.autocast(device_type=dy.device.type, enabled=False):
-            dyf = dy.float()
+            dyf = dy.reshape(-1, dy.shape[-1]).float()
             if ctx.fallback or not bool(torch.isfinite(dyf).all()):
                 if not ctx.fallback:
                     cc.stats.nonfinite_backward += 1
                 dx = dyf @ w_src
                 dw = dyf.t() @ x_src
-                return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None
+                return dx.to(ctx.x_dtype).reshape(ctx.x_shape), dw.to(ctx.w_dtype), None
             dx = dgrad(dyf, w_src, cc) if ctx.needs_input_grad[0] else None
             dw = wgrad(dyf, x_src, xq, cc) if ctx.needs_input_grad[1] else None
-        return (None if dx is None else dx.to(ctx.x_dtype)), (None if dw is None else dw.to(ctx.w_dtype)), None
+        dx = None if dx is None else dx.to(ctx.x_dtype).reshape(ctx.x_shape)
+        return dx, (None if dw is None else dw.to(ctx.w_dtype)), None
 
 
 def dgrad(dy: torch.Tensor, w_src: torch.Tensor, cc: _CallContext) -> torch.Tensor:
@@ -349,10 +360,31 @@ class QuantLinear(nn.Linear):
         return _CallContext(self.recipe, seed, self.fqt_stats)
 
     @torch.no_grad()
-    def quantized_weight(self) -> torch.Tensor:
-        """Q_w(W) as the forward uses it now (RTN; OutControl split included), fp32, W's layout."""
+    def full_weight(self) -> torch.Tensor:
+        """The whole fp32 weight, detached (gathered from the ranks when FSDP2 has sharded it)."""
+        w = self.weight.detach()
+        if hasattr(w, "full_tensor"):         # a DTensor (FSDP2 outside forward)
+            w = w.full_tensor()
+        return w.float()
+
+    @torch.no_grad()
+    def assign_weight(self, full: torch.Tensor) -> None:
+        """Write a whole new weight into the parameter (into this rank's shard under FSDP2)."""
+        param = self.weight
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+            new = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+            param.to_local().copy_(new.to_local())
+        else:
+            param.copy_(full.to(param.dtype))
+
+    @torch.no_grad()
+    def quantized_weight(self, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Q_w(W) as the forward uses it now (RTN; OutControl split included), fp32, W's layout.
+
+        ``w``: the whole weight to quantize (default :meth:`full_weight`)."""
         cc = self._call_context(call_seed(self.fqt_seed, self.fqt_stats.calls))
-        w = self.weight.detach().float()
+        w = self.full_weight() if w is None else w.float()
         if not self.recipe.w.quantized:
             return w
         x_dummy = torch.zeros(1, self.in_features, device=w.device)
@@ -371,11 +403,10 @@ class QuantLinear(nn.Linear):
         if training_call and self.outcontrol_recording:
             with torch.no_grad():
                 self.channel_norm_sum += x2d.detach().float().norm(dim=0)
-        seed = call_seed(self.fqt_seed, self.fqt_stats.calls)
+        seed = call_seed(self.fqt_seed, self.fqt_stats.calls, _rank())
         if training_call:
             self.fqt_stats.calls += 1
-        y = QuantLinearFunction.apply(x2d, self.weight, self._call_context(seed))
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        y = QuantLinearFunction.apply(x, self.weight, self._call_context(seed))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -96,14 +96,16 @@ class OsciReset:
 
     def _snapshot(self, step: int) -> None:
         self.snapshot_step = step
-        self.tracks = {name: _Track(layer.weight.detach().float(), layer.quantized_weight())
-                       for name, layer in self.layers.items()}
+        self.tracks = {}
+        for name, layer in self.layers.items():
+            w = layer.full_weight()
+            self.tracks[name] = _Track(w, layer.quantized_weight(w))
 
     def _accumulate(self) -> None:
         for name, layer in self.layers.items():
             tr = self.tracks[name]
-            w = layer.weight.detach().float()
-            q = layer.quantized_weight()
+            w = layer.full_weight()
+            q = layer.quantized_weight(w)
             tr.sum_dq += (q - tr.q_prev).abs()
             tr.sum_dw += (w - tr.w_prev).abs()
             tr.flips += int((q != tr.q_prev).sum())
@@ -130,8 +132,8 @@ class OsciReset:
                    "ratio_p50": qs[0], "ratio_p90": qs[1], "ratio_p99": qs[2],
                    "frac_reset": float(mask.sum()) / n if self.cfg.reset else 0.0}
             if self.cfg.reset and bool(mask.any()):
-                q = layer.quantized_weight()
-                layer.weight.data[mask] = q[mask].to(layer.weight.dtype)
+                w = layer.full_weight()
+                layer.assign_weight(torch.where(mask, layer.quantized_weight(w), w))
             if self.keep_ratios:
                 self.ratios[name] = ratio
             summary["layers"][name] = row

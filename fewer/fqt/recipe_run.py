@@ -16,6 +16,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from ..models.llama import Llama, LlamaConfig
 from .controller import FQTController
 from .convert import convert_for_training
-from .recipe import OsciResetConfig, OutControlConfig, get_recipe
+from .recipe import get_recipe
 
 ARMS = ("bf16", "nvfp4_naive", "nvidia_nvfp4", "tetrajet_v2", "tetrajet_v2_outcontrol", "tetrajet_v2_oscireset",
         "tetrajet_v2_full")
@@ -54,7 +55,8 @@ RUN_PRESETS = {
 }
 
 
-def run_arm(arm: str, preset: RunPreset, corpus, *, seed: int = 0, steps: int | None = None) -> dict[str, Any]:
+def run_arm(arm: str, preset: RunPreset, corpus, *, seed: int = 0, steps: int | None = None,
+            distributed: str = "none") -> dict[str, Any]:
     from ..data.text import TokenBatches, eval_batches
     from ..train import TrainConfig, train
 
@@ -71,7 +73,11 @@ def run_arm(arm: str, preset: RunPreset, corpus, *, seed: int = 0, steps: int | 
     batches = TokenBatches(corpus.train, preset.batch_size, preset.seq_len, seed=seed)
 
     def get_batch(step: int, rank: int, world_size: int):
-        return batches.batch(step)
+        if preset.batch_size % world_size:
+            raise ValueError(f"batch_size={preset.batch_size} is not divisible by world_size={world_size}")
+        share = preset.batch_size // world_size
+        x, y = batches.batch(step)                   # the global batch; this rank's share of it
+        return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
 
     def loss_fn(m, batch):
         x, y = batch
@@ -85,7 +91,7 @@ def run_arm(arm: str, preset: RunPreset, corpus, *, seed: int = 0, steps: int | 
 
     cfg = TrainConfig(steps=steps, lr=preset.lr, warmup_steps=min(preset.warmup_steps, steps // 2), schedule="cosine",
                       log_every=max(1, steps // 4), eval_every=steps, progress=False, seed=seed, device="cpu",
-                      precision="fp32")
+                      precision="fp32", distributed=distributed)
     began = time.perf_counter()
     result = train(model, loss_fn, get_batch, cfg, eval_fn=eval_fn, callbacks=[ctrl] if ctrl else [])
     row = {"arm": arm, "seed": seed, "steps": steps, "train_loss": result.final.get("loss"),
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="override the preset's step count")
     parser.add_argument("--out", default="", help="CSV file for the rows")
+    parser.add_argument("--distributed", default="none", choices=("none", "ddp", "fsdp2"),
+                        help="under torchrun: DDP or FSDP2 (gloo on CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: on a small shared CPU more threads only contend)")
     args = parser.parse_args(argv)
@@ -121,9 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     preset = RUN_PRESETS[args.preset]
     rows = []
     for arm in args.arms:
-        row = run_arm(arm, preset, corpus, seed=args.seed, steps=args.steps or None)
-        print(json.dumps(row), flush=True)
+        row = run_arm(arm, preset, corpus, seed=args.seed, steps=args.steps or None, distributed=args.distributed)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row), flush=True)
         rows.append(row)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return rows
     print(f"\n{'arm':<24}{'train loss':>12}{'val loss':>10}{'seconds':>9}")
     for row in rows:
         print(f"{row['arm']:<24}{row['train_loss']:>12.4f}{row['val_loss']:>10.4f}{row['seconds']:>9.1f}")

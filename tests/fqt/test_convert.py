@@ -92,3 +92,28 @@ def test_fqt_state_roundtrip():
     convert_for_training(other, "tetrajet_v2_outcontrol")
     load_fqt_state_dict(other, state)
     assert torch.equal(other.layers[0].mlp.up_proj.fp8_channels, torch.arange(0, 128, 4))
+
+
+def test_controller_as_a_train_callback():
+    from fewer.fqt import OsciResetConfig, OutControlConfig
+    from fewer.train import TrainConfig, train
+
+    model = _model()
+    recipe = get_recipe("tetrajet_v2_full").replace(
+        outcontrol=OutControlConfig(enabled=True, record_start=2, record_iters=2),
+        oscireset=OsciResetConfig(enabled=True, window=2, period=3, start_step=3))
+    report = convert_for_training(model, recipe)
+    ctrl = FQTController(report, total_steps=8)
+    data = torch.randint(0, CFG.vocab_size, (8, 2, 65))
+
+    def loss_fn(m, batch):
+        return m(batch[:, :-1], batch[:, 1:])[1]
+
+    cfg = TrainConfig(steps=8, lr=1e-3, progress=False, device="cpu", precision="fp32", log_every=4)
+    train(model, loss_fn, lambda step, rank, world: data[step], cfg, callbacks=[ctrl])
+    rep = ctrl.report()
+    assert rep["outcontrol"]["selected_at"] == 3
+    assert all(layer.outcontrol_selected for layer in report.converted.values())
+    assert [h["step"] for h in rep["oscireset"]["history"]] == [5, 8]
+    assert rep["oscireset"]["last_reset_step"] == 8 and rep["oscireset"]["steps_before_end"] == 0
+    assert rep["nonfinite"] == {} and set(rep["calls"].values()) == {8}

@@ -46,7 +46,8 @@ def main() -> None:
     expected[osc] = 1.0
     exact = torch.equal(layer.full_weight(), expected)
     print(f"\nrank {rank}: reset_exact={exact} same_channels={torch.equal(gathered[0], gathered[1])} "
-          f"outliers_selected={set(range(7, K, 16)) <= set(chans.tolist())} grad={type(grad).__name__}{tuple(grad.to_local().shape)}", flush=True)
+          f"outliers_selected={set(range(7, K, 16)) <= set(chans.tolist())} "
+          f"grad={type(grad).__name__}{tuple(grad.to_local().shape)}", flush=True)
     dist.destroy_process_group()
 
 

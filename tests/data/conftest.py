@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fewer.data.prepare import prepare
-from fewer.data.store import ENV_VAR
+from fewer.data.prepare import OPTIONAL_STEPS, prepare
+from fewer.data.store import ENV_VAR, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,16 @@ def data_dir() -> Path:
 
 @pytest.fixture
 def scratch_root(tmp_path: Path, data_dir: Path) -> Path:
-    """A private copy of the prepared root (wheel cache included, so re-preparing needs no network)."""
+    """A private copy of the prepared root (wheel cache included, so re-preparing needs no network),
+    without the optional corpora (tens of MB; they have their own tests), which leave the manifest too."""
     copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(".lock", "*.tmp*"))
+    optional = [step.name for step in OPTIONAL_STEPS]
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(".lock", "*.tmp*", *optional))
+    manifest = read_manifest(copy)
+    if any(name in manifest.get("steps", {}) for name in optional):
+        for name in optional:
+            manifest["steps"].pop(name, None)
+        manifest["files"] = {rel: entry for rel, entry in manifest["files"].items()
+                             if entry.get("step") not in optional}
+        write_manifest(copy, manifest)
     return copy

@@ -10,6 +10,10 @@ TOLERANCES = {
     "min_chars_per_token": 2.5,      # measured 3.1 on the training plays
     "val_token_fraction": (0.03, 0.12),  # measured 0.067
     "min_train_tokens": 1_000_000,   # measured 1,485,431
+    # english corpus (fewer data prepare --corpus english), checked only when prepared
+    "english_min_tokens": 20_000_000,       # the floor
+    "english_val_fraction": (0.015, 0.08),  # per source; target 3% of characters, whole documents
+    "english_max_mib": 40.0,                # tokens + tokenizer + summary, to carry with the repository
     # images
     "digits_split": (1500, 297),
     "mnist_split": (4500, 500),

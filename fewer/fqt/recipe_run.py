@@ -3,8 +3,8 @@
     python -m fewer.fqt.recipe_run --preset tiny                  # CPU smoke: 7 arms x 40 steps, minutes
     python -m fewer.fqt.recipe_run --preset tiny --arms bf16 tetrajet_v2 --steps 20 --out runs/fqt_tiny.csv
 
-Every arm starts from the same initial weights (``--seed``) and reads the same batches (the Shakespeare
-corpus of fewer.data, prepared by ``fewer data prepare``). OutControl and OsciReset windows are scaled
+Every arm starts from the same initial weights (``--seed``) and reads the same batches (``--corpus``:
+the Shakespeare corpus of fewer.data by default, or ``english``; prepared by ``fewer data prepare``). OutControl and OsciReset windows are scaled
 to the run length in the run preset (the released 501-550 / every-200-steps defaults need thousands
 of steps). Numbers from the tiny preset are a smoke test of the machinery, not evidence about the
 methods: a few dozen steps of a 1M-parameter model cannot separate them.
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m fewer.fqt.recipe_run", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(RUN_PRESETS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--corpus", default="shakespeare", help="a corpus of fewer.data.text (shakespeare, english)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="override the preset's step count")
     parser.add_argument("--out", default="", help="CSV file for the rows")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for arm in args.arms:
         get_recipe(arm)                          # fail fast on a bad name
     from ..data.text import load_corpus
-    corpus = load_corpus()
+    corpus = load_corpus(args.corpus)
     preset = RUN_PRESETS[args.preset]
     rows = []
     for arm in args.arms:

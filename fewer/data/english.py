@@ -369,11 +369,27 @@ _NO_SPACE_BEFORE = {",", ".", ";", ":", "!", "?", ")", "]", "}", "''", "'"}
 _NO_SPACE_AFTER = {"``", "(", "[", "{"}
 
 
+def _reorder_brown_punctuation(tokens: list[str]) -> list[str]:
+    """Brown puts a closing quote before the sentence's punctuation and doubles ?, ! and ; there
+    (``'' ? ?`` for ``?"``): collapse the repeats and move . , ? ! back inside the quote."""
+    out: list[str] = []
+    for word in tokens:
+        if word in ("?", "!", ";") and out and out[-1] == word:
+            continue
+        if word in (".", ",", "?", "!") and out and out[-1] == "''":
+            if len(out) < 2 or out[-2] != word:
+                out.insert(len(out) - 1, word)
+            continue
+        out.append(word)
+    return out
+
+
 def detokenize_brown(tokens: list[str]) -> str:
-    """Brown's word tokens back to running text: punctuation attaches, `` and '' become straight quotes."""
+    """Brown's word tokens back to running text: punctuation attaches, `` and '' become straight quotes,
+    sentence punctuation goes inside a closing quote."""
     out: list[str] = []
     glue = True
-    for word in tokens:
+    for word in _reorder_brown_punctuation(tokens):
         if word == "." and out and out[-1].endswith("."):
             continue  # "Jr." at a sentence end is followed by its own "." token
         if out and not glue and word not in _NO_SPACE_BEFORE:

@@ -68,7 +68,7 @@ STEPS = (
 # from Debian, npm and PyPI into a cache outside the data root (fewer.data.english.cache_dir), so
 # the default prepare (CI, ``make test``) never does.
 OPTIONAL_STEPS = (
-    Step("english", 1, (), english.OUTPUTS,
+    Step("english", 2, (), english.OUTPUTS,  # 2: Brown punctuation inside closing quotes
          lambda wheels, base, log: english.build_english(english.cache_dir(base), log)),
 )
 

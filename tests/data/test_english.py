@@ -132,14 +132,15 @@ def test_read_austen_from_a_synthetic_package():
 # ------------------------------------------------------------------------------- the other parsers
 
 BROWN = ("\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ``/`` no/at evidence/nn ''/'' ./.\n"
-         "It/pps urged/vbd Ivan/np Allen/np Jr./np ./.\n\n\n"
+         "It/pps urged/vbd Ivan/np Allen/np Jr./np ./. ``/`` Why/wrb ''/'' ?/. ?/. he/pps asked/vbd ,/, "
+         "``/`` now/rb ''/'' ;/. ;/.\n\n\n"
          "Merger/nn-hl proposed/vbn-hl\n"
          "However/wrb ,/, the/at jury/nn (/( a/at body/nn )/) said/vbd so/rb ;/. it/pps didn't/dod* ./.\n")
 
 
 def test_parse_brown_file():
     assert english.parse_brown_file(BROWN) == (
-        'The Fulton County said "no evidence". It urged Ivan Allen Jr.\n\n'
+        'The Fulton County said "no evidence." It urged Ivan Allen Jr. "Why?" he asked, "now";\n\n'
         "Merger proposed\n\n"
         "However, the jury (a body) said so; it didn't.\n")
 

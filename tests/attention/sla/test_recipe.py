@@ -17,7 +17,8 @@ from fewer.models.dit import DiT
 def test_smoke_preset_end_to_end(tmp_path):
     cfg = SLARecipeConfig.from_preset("smoke")
     rows = run_sla_recipe(cfg, progress=False)
-    runs = 1 + len(cfg.seeds) * (1 + (len(METHODS) - 1) * len(cfg.sparsities))  # teacher + dense + converted
+    # teacher + dense + linear-only (no sparsity to vary) + the two sparse methods
+    runs = 1 + len(cfg.seeds) * (2 + (len(METHODS) - 2) * len(cfg.sparsities))
     assert len(rows) == runs
     assert [r["method"] for r in rows] == ["teacher"] + list(METHODS)
     for row in rows:
@@ -36,7 +37,7 @@ def test_smoke_preset_end_to_end(tmp_path):
 
     table = summarize(rows)
     assert [(r["method"], r["sparsity"]) for r in table] == [("teacher", 0.0), ("dense", 0.0), ("sparse-only", 0.9),
-                                                              ("linear-only", 0.9), ("sla", 0.9)]
+                                                              ("linear-only", 1.0), ("sla", 0.9)]
     for row in table:
         assert row["seeds"] == 1
         assert set(f"{m}_{s}" for m in METRICS for s in ("mean", "std")) <= set(row)

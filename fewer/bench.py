@@ -7,6 +7,7 @@
 - FLOP formulas (``attention_flops``, ``matmul_flops``) so that TFLOP/s comes from an explicit count;
 - ``SHAPES``: named shape sets, real model shapes included;
 - ``write_csv(rows, area, name)``: ``benchmarks/results/<gpu-slug>/<area>_<name>.csv``;
+  ``write_rows(path, rows)``: the same CSV layout (columns in first-seen order) at any path;
 - ``print_table(rows)``.
 """
 
@@ -136,16 +137,26 @@ def write_csv(rows: Sequence[dict[str, Any]], area: str, name: str, results_dir:
     base = Path(results_dir or os.environ.get("FEWER_RESULTS_DIR") or REPO_ROOT / "benchmarks" / "results")
     folder = base / gpu_slug(env["gpu"])
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{area}_{name}.csv"
+    return write_rows(folder / f"{area}_{name}.csv", rows, extra=env)
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None,
+               float_format: str | None = None) -> Path:
+    """Rows whose keys may differ to one CSV at ``path``: columns in first-seen order, then the keys of
+    ``extra`` (values every row gets unless it has its own); floats through ``float_format`` if given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = extra or {}
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    columns += [c for c in env if c not in columns]
+    columns += [c for c in extra if c not in columns]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**env, **row})
+            writer.writerow({k: format(v, float_format) if float_format and isinstance(v, float) else v
+                             for k, v in {**extra, **row}.items()})
     return path
 
 

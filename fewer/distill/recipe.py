@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import bench
 from ..core.config import Config, check_choice, check_positive_int, check_range
 from ..models.denoiser import LogNormalTime, TrigFlowDenoiser, flow_matching_steps, trigflow_loss
 from .rcm import DistillConfig, distill
@@ -125,15 +126,7 @@ def _summarise(rows: list[dict[str, Any]], keys: tuple[str, ...], metrics: list[
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    bench.write_rows(path, rows, float_format=".6g")
 
 
 def write_sample_csv(samples: dict[str, torch.Tensor], path: Path, per_name: int) -> None:

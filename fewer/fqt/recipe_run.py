@@ -50,6 +50,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..bench import write_rows
 from ..models.llama import Llama, LlamaConfig
 from .controller import FQTController
 from .convert import convert_for_training, fqt_state_dict, load_fqt_state_dict
@@ -369,14 +370,6 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _write_run_files(run_dir: str, row: dict[str, Any], history: list[dict], ctrl: Optional[FQTController],
@@ -389,7 +382,7 @@ def _write_run_files(run_dir: str, row: dict[str, Any], history: list[dict], ctr
                       "tokens": h["step"] * tokens_per_step, "loss": h.get("loss"), "lr": h.get("lr"),
                       "grad_norm": h.get("grad_norm"), "tokens_per_s": None if sps is None else round(sps * seq_len),
                       "skipped": h.get("skipped")})
-    _write_csv(d / "curve.csv", curve)
+    write_rows(d / "curve.csv", curve)
     osc_rows, layer_rows = [], []
     if ctrl is not None and ctrl.oscireset is not None:
         for w in ctrl.oscireset.history:
@@ -399,7 +392,7 @@ def _write_run_files(run_dir: str, row: dict[str, Any], history: list[dict], ctr
             for name, stats in w["layers"].items():
                 osc_rows.append({**base, "layer": name, **stats})
     if osc_rows:
-        _write_csv(d / "oscireset.csv", osc_rows)
+        write_rows(d / "oscireset.csv", osc_rows)
     for name, layer in report.converted.items():
         sums = layer.channel_norm_sum.float()
         sel = layer.fp8_channels
@@ -409,7 +402,7 @@ def _write_run_files(run_dir: str, row: dict[str, Any], history: list[dict], ctr
                            "nonfinite_backward": layer.fqt_stats.nonfinite_backward,
                            "fp8_channels": int(sel.numel()), "fp8_norm_share": share})
     if layer_rows:
-        _write_csv(d / "layers.csv", layer_rows)
+        write_rows(d / "layers.csv", layer_rows)
     _write_json(d / "status.json", row)
 
 

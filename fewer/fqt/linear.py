@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import can_run_triton
-from ..formats import (fake_quantize, inverse_random_hadamard_transform, random_hadamard_transform, random_signs,
-                       stream_key)
+from ..formats import (fake_quantize, inverse_random_hadamard_transform, pad_to_multiple, random_hadamard_transform,
+                       random_signs, stream_key)
 from .recipe import GEMMS, HADAMARD_BLOCK, ROLES, Recipe, RoleConfig, get_recipe
 
 ROLE_STREAMS = {role: i for i, role in enumerate(ROLES)}
@@ -107,7 +107,7 @@ def _fused_fake_quantize(x: torch.Tensor, rc: RoleConfig, dim: int, rounding: st
     dim = dim % 2
     rows = x.shape[0]
     if dim == 1:
-        x = _pad_dim(x, need, 0)            # extra rows at the end: the flat index of every element is kept
+        x = pad_to_multiple(x, need, 0)            # extra rows at the end: the flat index of every element is kept
     kwargs = dict(rowwise=dim == 1, colwise=dim == 0, rounding=rounding, scale_rounding=rc.formats_scale_rounding,
                   streams=(int(stream), int(stream)))
     if rounding == "stochastic":
@@ -115,15 +115,6 @@ def _fused_fake_quantize(x: torch.Tensor, rc: RoleConfig, dim: int, rounding: st
     row, col = fused_quantize(x.contiguous(), spec, **kwargs)
     out = (row if dim == 1 else col).dequantize(torch.float32)
     return out[:rows]
-
-
-def _pad_dim(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
-    extra = (-x.shape[dim]) % multiple
-    if extra == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = extra
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def _rht(x: torch.Tensor, signs: Optional[torch.Tensor], dim: int) -> torch.Tensor:
@@ -181,8 +172,8 @@ def forward_operands(x: torch.Tensor, w: torch.Tensor, cc: _CallContext) -> tupl
     i4, i8 = cc.fp4_channels, cc.fp8_channels
     k4 = i4.numel()
     m = max(r.x.block_multiple, r.w.block_multiple)
-    x4 = _pad_dim(x[:, i4], m, 1)
-    w4 = _pad_dim(w[:, i4], m, 1)
+    x4 = pad_to_multiple(x[:, i4], m, 1)
+    w4 = pad_to_multiple(w[:, i4], m, 1)
     if signs is not None:
         raise NotImplementedError("OutControl with a Hadamard transform on the forward GEMM is not implemented")
     x4 = cc.q(x4, r.x, -1, ROLE_STREAMS["x"])[:, :k4]
@@ -259,22 +250,22 @@ def wgrad(dy: torch.Tensor, x_src: torch.Tensor, xq: torch.Tensor, cc: _CallCont
     signs = cc.signs("wgrad")
     t = dy.shape[0]
     pad = TOKEN_PAD if t % TOKEN_PAD else 1
-    dy_p = _pad_dim(dy, pad, 0)
+    dy_p = pad_to_multiple(dy, pad, 0)
     a = cc.q(_rht(dy_p, signs, 0), r.dy_wgrad, 0, ROLE_STREAMS["dy_wgrad"])
     if cc.fp8_channels is None:
-        b = cc.q(_rht(_pad_dim(x_src, pad, 0), signs, 0), r.x_wgrad, 0, ROLE_STREAMS["x_wgrad"])
+        b = cc.q(_rht(pad_to_multiple(x_src, pad, 0), signs, 0), r.x_wgrad, 0, ROLE_STREAMS["x_wgrad"])
         return a.t() @ b
     # OutControl: FP4 columns as the recipe says; MXFP8 columns without Hadamard, from the forward FP8 X
     oc = r.outcontrol
     i4, i8 = cc.fp4_channels, cc.fp8_channels
     k4 = i4.numel()
-    x4 = _pad_dim(_pad_dim(x_src[:, i4], pad, 0), max(r.x.block_multiple, r.w.block_multiple), 1)   # as in forward
+    x4 = pad_to_multiple(pad_to_multiple(x_src[:, i4], pad, 0), max(r.x.block_multiple, r.w.block_multiple), 1)   # as in forward
     b4 = cc.q(_rht(x4, signs, 0), r.x_wgrad, 0, ROLE_STREAMS["x_wgrad"])[:, :k4]
     fp8 = RoleConfig(format=oc.fp8_format, rounding=oc.fp8_rounding)
     pad8 = TOKEN_PAD if t % 32 else 1
     x8_src = xq[:, i8] if r.x_wgrad.source == "forward" else x_src[:, i8]
-    a8 = cc.q(_pad_dim(dy, pad8, 0), fp8, 0, FP8_STREAMS["dy_wgrad"])
-    b8 = cc.q(_pad_dim(x8_src, pad8, 0), fp8, 0, FP8_STREAMS["x_wgrad"])
+    a8 = cc.q(pad_to_multiple(dy, pad8, 0), fp8, 0, FP8_STREAMS["dy_wgrad"])
+    b8 = cc.q(pad_to_multiple(x8_src, pad8, 0), fp8, 0, FP8_STREAMS["x_wgrad"])
     dw = dy.new_empty((dy.shape[1], x_src.shape[1]))
     dw[:, i4] = a.t() @ b4
     dw[:, i8] = a8.t() @ b8
